@@ -1,0 +1,196 @@
+"""Training-style data: load, detect the format, normalise, sample, identify.
+
+Sources (``dataset_name``): a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder of
+such files, or a Hugging Face dataset name (``datasets.load_dataset``; needs a reachable hub).
+
+Formats (``dataset_format``, detected from the columns when ``auto``):
+
+* ``messages``: ``messages`` = list of ``{role, content}``; the last turn must be the assistant's
+  (the loss is on that turn; earlier turns are context);
+* ``alpaca``: ``instruction``, optional ``input``, ``output``;
+* ``prompt_completion``: ``prompt`` and ``completion``, each a string or a list of messages.
+
+Every record becomes conversational prompt/completion (``prompt``: list of messages,
+``completion``: ``[assistant message]``) with an ``id`` (the data set's own ``id`` column when
+present, else ``sha:<prompt_sha>``) and a ``prompt_sha``: sha256 of the whitespace-normalised,
+lower-cased text of the last user turn. Evaluation compares both with the training items a train
+run recorded, so no evaluated prompt can have been trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("messages", "alpaca", "prompt_completion")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file (or data set), the row and the field."""
+
+
+def prompt_sha(text: str) -> str:
+    """Identity of a prompt for leakage checks: sha256 of normalised text, 16 hex chars."""
+    norm = " ".join(str(text).split()).lower()
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ loading
+def _is_local(name: str) -> bool:
+    return (Path(name).exists() or name.endswith(FILE_SUFFIXES)
+            or name.startswith(("/", "./", "../", "~")))
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n} is not a JSON object")
+                rows.append(row)
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: a .json data set must be a list of objects")
+        return data
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            return [dict(r) for r in csv.DictReader(fh)]
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict(orient="records")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def load_rows(name: str, *, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local file/folder or a hub data set, as plain dicts (no format handling)."""
+    if _is_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DataError(f"dataset_name: file or folder {path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+            if not files:
+                raise DataError(f"dataset_name: folder {path} holds no {'/'.join(FILE_SUFFIXES)} files")
+            rows = [r for f in files for r in _read_file(f)]
+        else:
+            rows = _read_file(path)
+    else:
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(name, config, split=split))
+        except Exception as exc:  # the hub client raises many types; re-raise with the culprit named
+            raise DataError(f"dataset_name {name!r} is not a local file and could not be loaded from "
+                            f"the Hugging Face hub (split {split!r}): {type(exc).__name__}: {exc}") from exc
+    if not rows:
+        raise DataError(f"dataset_name {name}: the data set is empty")
+    return rows
+
+
+# ------------------------------------------------------------------------------ formats
+def detect_format(columns: Sequence[str], source: str) -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    raise DataError(f"{source}: cannot detect the data format from columns {sorted(cols)}; expected "
+                    "'messages', or 'instruction'+'output' (alpaca), or 'prompt'+'completion'")
+
+
+_REQUIRED = {"messages": ("messages",), "alpaca": ("instruction", "output"),
+             "prompt_completion": ("prompt", "completion")}
+
+
+def _as_messages(value: Any, role: str, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages")
+
+
+def normalise(rows: list[dict[str, Any]], fmt: str, source: str) -> list[dict[str, Any]]:
+    """Rows -> conversational prompt/completion records with ``id`` and ``prompt_sha``."""
+    if fmt == "auto":
+        fmt = detect_format(rows[0].keys(), source)
+    if fmt not in FORMATS:
+        raise DataError(f"dataset_format {fmt!r} is unknown; use auto or one of {', '.join(FORMATS)}")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}"
+        missing = [c for c in _REQUIRED[fmt] if c not in row or row[c] is None]
+        if missing:
+            raise DataError(f"{where}: missing column(s) {missing} required by format {fmt!r}")
+        if fmt == "messages":
+            msgs = _as_messages(row["messages"], "user", f"{where}, field 'messages'")
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise DataError(f"{where}, field 'messages': the last turn must be the assistant's, after a prompt")
+            prompt, completion = msgs[:-1], msgs[-1:]
+        elif fmt == "alpaca":
+            text = str(row["instruction"])
+            if row.get("input"):
+                text = f"{text}\n\n{row['input']}"
+            prompt = [{"role": "user", "content": text}]
+            completion = [{"role": "assistant", "content": str(row["output"])}]
+        else:
+            prompt = _as_messages(row["prompt"], "user", f"{where}, field 'prompt'")
+            completion = _as_messages(row["completion"], "assistant", f"{where}, field 'completion'")
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise DataError(f"{where}: the prompt has no non-empty user turn")
+        if not completion[-1]["content"].strip():
+            raise DataError(f"{where}: the completion is empty")
+        sha = prompt_sha(users[-1])
+        item_id = str(row["id"]) if row.get("id") not in (None, "") else f"sha:{sha}"
+        if item_id in seen:
+            raise DataError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        out.append({"id": item_id, "prompt_sha": sha, "prompt": prompt, "completion": completion})
+    return out
+
+
+def sample(records: list[dict[str, Any]], sample_size: int | None, seed: int, source: str) -> list[dict[str, Any]]:
+    """A deterministic subset of ``sample_size`` records drawn with ``seed`` (all when None)."""
+    if sample_size is None:
+        return list(records)
+    if sample_size <= 0:
+        raise DataError(f"sample_size must be positive, got {sample_size}")
+    if sample_size > len(records):
+        raise DataError(f"sample_size {sample_size} is larger than {source}, which has {len(records)} rows")
+    idx = sorted(random.Random(seed).sample(range(len(records)), sample_size))
+    return [records[i] for i in idx]
+
+
+def load_training_records(name: str, *, fmt: str = "auto", split: str = "train", config: str | None = None,
+                          sample_size: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Load, normalise and sample a training-style data set (train stage and Fisher data)."""
+    return sample(normalise(load_rows(name, split=split, config=config), fmt, name), sample_size, seed, name)
+
+
+def training_items(records: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The identities a train run records (``training_items.json``)."""
+    return [{"id": r["id"], "prompt_sha": r["prompt_sha"]} for r in records]

@@ -1,0 +1,139 @@
+"""The run context against a real (temporary) MLflow sqlite store: tags, params, FAILED, signals, races."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+
+from sst_lab.redact import REDACTED, redact, redact_text
+from sst_lab.tracking.run import TrackingError, config_id, flatten, stage_run
+
+
+def _client(uri):
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _only_run(uri, study):
+    client = _client(uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_finished_run_has_tags_params_and_config_artifact(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = {"train": {"lr": 0.1, "targets": ["q_proj", "v_proj"], "seed": 3}, "hub": {"hub_token": "hf_" + "a" * 30}}
+    with stage_run(stage="train", study="s1", config=cfg, tags={"role": "utility", "seed": 3, "base_model": "m"},
+                   run_name="train-utility", tracking_uri=uri) as run:
+        run.log_metrics({"train/loss": 1.5}, step=1)
+    r = _only_run(uri, "s1")
+    assert r.info.status == "FINISHED"
+    assert r.info.run_name == "train-utility"
+    t = r.data.tags
+    for key in ("stage", "base_model", "role", "sample_size", "seed", "config_id", "git_commit", "git_dirty",
+                "version.torch", "version.transformers", "version.peft", "version.trl", "version.mlflow",
+                "upstream_run_ids"):
+        assert key in t, key
+    assert t["stage"] == "train" and t["role"] == "utility" and t["seed"] == "3"
+    assert r.data.params["train.lr"] == "0.1"
+    assert r.data.params["train.targets"] == '["q_proj", "v_proj"]'
+    assert r.data.params["hub.hub_token"] == REDACTED
+    assert r.data.metrics["train/loss"] == 1.5
+    local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="config/resolved_config.yaml",
+                                                tracking_uri=uri, dst_path=str(tmp_path / "dl"))
+    text = open(local).read()
+    assert "hf_aaaa" not in text and REDACTED in text and "q_proj" in text
+
+
+def test_config_id_ignores_seed_and_paths_but_not_settings():
+    a = {"train": {"lr": 0.1, "seed": 1, "output_dir": "/x/1"}}
+    b = {"train": {"lr": 0.1, "seed": 2, "output_dir": "/x/2"}}
+    c = {"train": {"lr": 0.2, "seed": 1, "output_dir": "/x/1"}}
+    assert config_id(a) == config_id(b) != config_id(c)
+
+
+def test_flatten_collision_is_an_error():
+    with pytest.raises(TrackingError, match="a.b"):
+        flatten({"a": {"b": 1}, "a.b": 2})
+
+
+def test_redaction_of_keys_and_text():
+    assert redact({"HF_TOKEN": "abc", "pad_token": "<pad>", "password": "pw"}) == {
+        "HF_TOKEN": REDACTED, "pad_token": "<pad>", "password": REDACTED}
+    text = redact_text("postgresql://user:s3cret@localhost/db and hf_" + "Z" * 34 + " HF_TOKEN=xyz")
+    assert "s3cret" not in text and "ZZZZ" not in text and "xyz" not in text and "user" in text
+
+
+def test_exception_marks_run_failed_with_error_artifact(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ValueError, match="boom"):
+        with stage_run(stage="merge", study="s2", config={"a": 1}, tags={"role": "merged"}, run_name="m",
+                       tracking_uri=uri):
+            raise ValueError("boom token=hf_" + "b" * 30)
+    r = _only_run(uri, "s2")
+    assert r.info.status == "FAILED"
+    local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="error.txt",
+                                                tracking_uri=uri, dst_path=str(tmp_path / "dl"))
+    text = open(local).read()
+    assert "boom" in text and "bbbbbbbb" not in text
+
+
+def test_non_finite_metric_is_refused(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingError, match="finite"):
+        with stage_run(stage="evaluate", study="s3", config={}, tags={"role": "base"}, run_name="e",
+                       tracking_uri=uri) as run:
+            run.log_metrics({"compare/safety_tax": float("inf")})
+    assert _only_run(uri, "s3").info.status == "FAILED"
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from sst_lab.tracking.run import stage_run
+    with stage_run(stage="train", study=sys.argv[2], config={"x": 1}, tags={"role": "utility"},
+                   run_name=sys.argv[3], tracking_uri=sys.argv[1]) as run:
+        print("started", flush=True)
+        time.sleep(float(sys.argv[4]))
+""")
+
+
+def test_sigterm_marks_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, uri, "s4", "sleeper", "60"], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    r = _only_run(uri, "s4")
+    assert r.info.status == "FAILED"
+    assert "SIGTERM" in r.data.tags["error"]
+
+
+def test_parallel_stage_processes_into_a_fresh_store_all_finish(tmp_path):
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, uri, "race", f"p{i}", "0"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    client = _client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["p0", "p1", "p2", "p3"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_non_main_rank_opens_no_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("RANK", "1")
+    with stage_run(stage="train", study="s5", config={}, tags={"role": "utility"}, run_name="r",
+                   tracking_uri=uri) as run:
+        run.log_metrics({"a": 1.0})
+        assert not run.enabled
+    assert not (tmp_path / "mlflow.db").exists()

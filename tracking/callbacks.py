@@ -1,0 +1,43 @@
+"""A Trainer callback that logs training metrics into the stage's own MLflow run.
+
+HF's ``MLflowCallback`` would log every TrainingArguments field a second time as unprefixed
+params (and drop over-long ones with a warning); sst-lab logs the resolved config itself, so the
+trainer only reports metrics through this callback: ``train/loss``, ``train/learning_rate``,
+``train/grad_norm``, ``train/tokens_per_second`` (from TRL's cumulative ``num_tokens``), and
+whatever else the trainer logs, all prefixed ``train/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from transformers import TrainerCallback
+
+from sst_lab.tracking.run import StageRun
+
+
+class StageMetricsCallback(TrainerCallback):
+    def __init__(self, run: StageRun):
+        self.run = run
+        self._t0: float | None = None
+        self._tokens0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0, self._tokens0 = time.perf_counter(), 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {}
+        for key, value in logs.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # non-numeric trainer log entries are not metrics; NaN/inf fail in log_metrics
+            name = "train/" + re.sub(r"[^\w.\- /]", "_", key.removeprefix("train_"))
+            metrics[name] = float(value)
+        tokens = logs.get("num_tokens")
+        now = time.perf_counter()
+        if tokens is not None and self._t0 is not None and now > self._t0:
+            metrics["train/tokens_per_second"] = (float(tokens) - self._tokens0) / (now - self._t0)
+            self._t0, self._tokens0 = now, float(tokens)
+        self.run.log_metrics(metrics, step=state.global_step)

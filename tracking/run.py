@@ -1,0 +1,368 @@
+"""The one way a stage opens, fills and closes its MLflow run.
+
+``stage_run(...)`` is a context manager used by every stage script (train, merge, evaluate,
+compare, aggregate, report)::
+
+    with stage_run(stage="train", study=args.study, config=resolved, tags={...}) as run:
+        ...                      # run.log_metrics(...), run.log_json(...), ...
+
+What it guarantees:
+
+* the tracking store is resolved once (``--tracking_uri`` > ``MLFLOW_TRACKING_URI`` >
+  ``sqlite:///<cwd>/mlruns/mlflow.db``); a local sqlite store gets its schema and the
+  experiment created under a file lock, so several stage processes may start at once;
+* only the main process (``RANK`` 0 under ``accelerate launch``) opens a run; other ranks get a
+  disabled ``StageRun`` whose logging calls do nothing;
+* every run carries the standard tags (stage, base_model, role, sample_size, seed, config_id,
+  git commit and dirty flag, library versions, upstream_run_ids) and the whole resolved config as
+  flattened params plus a ``config/resolved_config.yaml`` artifact, all redacted;
+* a run that raises, or is interrupted by SIGINT/SIGTERM, ends FAILED with ``error.txt``
+  (the redacted traceback) as an artifact; it is never left RUNNING;
+* metrics are checked: a non-finite value or a name MLflow cannot store is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sst_lab.redact import redact, redact_text
+
+STAGES = ("train", "merge", "evaluate", "compare", "aggregate", "report")
+# Fields that identify *where* or *which repetition*, not *what*: left out of config_id.
+CONFIG_ID_EXCLUDE = {"seed", "data_seed", "output_dir", "logging_dir", "run_name", "tracking_uri",
+                     "study", "hub_token", "push_to_hub", "report_to", "overwrite_output_dir"}
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY_LEN = 250
+_METRIC_NAME = re.compile(r"^[/\w.\- ]*$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrackingError(RuntimeError):
+    """A tracking-store problem (bad URI, over-long key, invalid metric...)."""
+
+
+class StageInterrupted(BaseException):
+    """Raised inside a stage when SIGTERM arrives, so the run ends FAILED."""
+
+
+# ----------------------------------------------------------------------------------- the store
+def resolve_tracking_uri(cli_uri: str | None = None) -> str:
+    """``--tracking_uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlruns/mlflow.db``."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = "sqlite:///" + str(Path.cwd() / "mlruns" / "mlflow.db")
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).resolve()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise schema creation and experiment creation on a local sqlite store."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_suffix(".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def artifact_root(uri: str, study: str) -> str | None:
+    """Artifacts of a local sqlite store live under ``<store dir>/artifacts/<study>``."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None  # a server decides (``--default-artifact-root`` / ``--serve-artifacts``)
+    safe = re.sub(r"[^\w.-]+", "_", study)
+    return (db.parent / "artifacts" / safe).as_uri()
+
+
+def ensure_experiment(uri: str, study: str) -> str:
+    """Create (once, race-free) the store and the study's experiment; return its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with _store_lock(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)  # creating the client creates the sqlite schema
+        client.search_experiments(max_results=1)
+        for attempt in range(5):
+            exp = client.get_experiment_by_name(study)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"experiment {study!r} is deleted in {uri}; restore it in the MLflow UI or pick "
+                        "another --study (sst-lab never deletes or overwrites runs)")
+                return exp.experiment_id
+            try:
+                return client.create_experiment(study, artifact_location=artifact_root(uri, study))
+            except MlflowException as exc:  # another process (server mode) created it first
+                if "already exists" not in str(exc).lower() or attempt == 4:
+                    raise
+    raise TrackingError(f"could not create experiment {study!r} in {uri}")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/torchrun, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ------------------------------------------------------------------------ params, ids, tags
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to ``a.b.c`` keys; lists stay values (JSON-encoded later)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            nested = flatten(value, name)
+            clash = set(nested) & set(out)
+            if clash:
+                raise TrackingError(f"flattened config keys collide: {sorted(clash)}")
+            out.update(nested)
+        else:
+            if name in out:
+                raise TrackingError(f"flattened config key {name!r} appears twice")
+            out[name] = value
+    return out
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def config_id(config: Mapping[str, Any], exclude: set[str] = CONFIG_ID_EXCLUDE) -> str:
+    """Hash of the resolved config without seed and location fields (groups repeated seeds).
+
+    Stages whose inputs are upstream runs put the upstream runs' ``config_id`` (not their run
+    id) into ``config`` before calling this, so seeds of a merge or evaluation group too.
+    """
+    flat = {k: v for k, v in flatten(config).items() if k.rsplit(".", 1)[-1] not in exclude}
+    blob = json.dumps(flat, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  check=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "not_a_git_checkout", "git_dirty": "unknown"}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "mlflow", "accelerate", "datasets"):
+        try:
+            out[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            out[f"version.{pkg}"] = "not_installed"
+    return out
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass
+class StageRun:
+    """Handle of the active stage run; every method is a no-op when ``enabled`` is False."""
+
+    enabled: bool
+    run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite numbers under valid names; anything else is an error, never a placeholder."""
+        clean = {}
+        for name, value in metrics.items():
+            if not _METRIC_NAME.match(name) or len(name) > MAX_KEY_LEN:
+                raise TrackingError(f"metric name {name!r} is not storable in MLflow (^[/\\w.\\- ]*$, <=250 chars)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrackingError(f"metric {name!r} = {value!r} is not a finite number; omit it with a "
+                                    "logged reason instead of logging a placeholder")
+            clean[name] = float(value)
+        if self.enabled and clean:
+            import mlflow
+
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
+            self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_dict(redact(obj), artifact_file)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifacts(str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifact(str(local_file), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Per-item results as an MLflow table artifact (``.json``), shown in the UI's evaluation view."""
+        if self.enabled and rows:
+            import mlflow
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
+
+    def log_dataset(self, records: list[dict[str, Any]], *, name: str, source: str, context: str) -> None:
+        """``mlflow.log_input`` with name, source path, digest, split (context) and row count."""
+        if not self.enabled:
+            return
+        import mlflow
+        import pandas as pd
+
+        flat = [{k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, sort_keys=True)
+                 for k, v in r.items()} for r in records]
+        ds = mlflow.data.from_pandas(pd.DataFrame(flat), source=source, name=name)
+        mlflow.log_input(ds, context=context, tags={"rows": str(len(records))})
+
+
+def _params_from_config(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    params, too_long = {}, []
+    for key, value in flatten(redact(dict(config))).items():
+        if len(key) > MAX_KEY_LEN:
+            raise TrackingError(f"config key {key!r} is longer than MLflow's {MAX_KEY_LEN} characters")
+        text = _param_str(value)
+        if len(text) > MAX_PARAM_LEN:
+            too_long.append(key)
+            text = f"<{len(text)} chars: full value in config/resolved_config.yaml>"
+        params[key] = text
+    return params, too_long
+
+
+@contextlib.contextmanager
+def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mapping[str, Any],
+              run_name: str, tracking_uri: str | None = None,
+              config_for_id: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+    """Open the stage's MLflow run (main process only) and close it FINISHED or FAILED.
+
+    ``config`` is the whole resolved config (logged as params and as a YAML artifact);
+    ``config_for_id`` (default ``config``) is what ``config_id`` hashes, with upstream run ids
+    replaced by the upstream runs' config ids. ``tags`` must include ``role``; missing standard
+    tags are filled with ``"none"`` only where they do not apply (e.g. ``sample_size`` of a merge).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never resume someone else's run
+    if not is_main_process():
+        yield StageRun(enabled=False)
+        return
+
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(uri, study)
+    all_tags = {"stage": stage, "study": study,
+                "config_id": config_id(config_for_id if config_for_id is not None else config)}
+    for key in ("base_model", "role", "sample_size", "seed", "upstream_run_ids"):
+        all_tags[key] = "none"
+    all_tags.update({k: ("none" if v is None else v) for k, v in tags.items()})
+    all_tags.update(git_state())
+    all_tags.update(library_versions())
+    all_tags = {k: redact_text(str(v)) for k, v in all_tags.items()}
+    params, too_long = _params_from_config(config)
+    if too_long:
+        all_tags["params_too_long"] = ",".join(too_long)
+
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+    handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
+                      tracking_uri=uri, tags=dict(all_tags))
+
+    def _on_sigterm(signum: int, _frame: Any) -> None:
+        raise StageInterrupted(f"stage interrupted by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    try:
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
+        yield handle
+    except BaseException as exc:
+        _fail(exc)
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fail(exc: BaseException) -> None:
+    """Record the (redacted) error and end the run FAILED; never mask the original error."""
+    import mlflow
+
+    text = redact_text("".join(traceback.format_exception(exc)))
+    try:
+        mlflow.log_text(text, "error.txt")
+        mlflow.set_tag("error", redact_text(f"{type(exc).__name__}: {exc}")[:5000])
+    finally:
+        mlflow.end_run(status="FAILED")
+    print(f"[sst-lab] run FAILED: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy of a config (tuples -> lists, enums/paths -> str)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
