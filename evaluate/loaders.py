@@ -30,17 +30,19 @@ identical for both MMLU layouts). :func:`prompt_sha` fingerprints a prompt indep
 whitespace, to prove no evaluation prompt was trained on.
 """
 
+
 from __future__ import annotations
 
 import ast
 import csv
 import difflib
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
+
+from sst_lab.data import prompt_sha  # one definition, shared with the train stage's records
 
 MMLU_SPLITS = ("test", "dev", "val")
 HARMBENCH_FUNCTIONAL = ("standard", "contextual", "copyright")
@@ -61,10 +63,6 @@ class Item:
     answer: str | None = None  # MC letter "A".."D"; GSM8K final number; demo: reference answer
     meta: dict = field(default_factory=dict, hash=False, compare=False)  # other published columns
 
-
-def prompt_sha(text: str) -> str:
-    """sha256 of the whitespace-normalised prompt (runs of whitespace -> one space), 16 hex."""
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- readers

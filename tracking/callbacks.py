@@ -33,7 +33,7 @@ class StageMetricsCallback(TrainerCallback):
         for key, value in logs.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue  # non-numeric trainer log entries are not metrics; NaN/inf fail in log_metrics
-            name = "train/" + re.sub(r"[^\w.\- /]", "_", key.removeprefix("train_"))
+            name = "train/" + re.sub(r"[^\w.\- /]", "_", key)  # the end-of-training "train_loss" stays apart from "loss"
             metrics[name] = float(value)
         tokens = logs.get("num_tokens")
         now = time.perf_counter()

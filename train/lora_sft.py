@@ -74,7 +74,7 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
     """Load data, train a LoRA adapter with SFTTrainer, save it atomically, log it to ``run``."""
     import torch
     from datasets import Dataset
-    from trl import SFTTrainer, get_kbit_device_map, get_peft_config, get_quantization_config
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from sst_lab.tracking.callbacks import StageMetricsCallback
 
@@ -89,26 +89,22 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
         raise FileExistsError(f"output_dir {training_args.output_dir} already holds an adapter; "
                               "sst-lab never overwrites outputs: choose another output_dir")
     model_path = resolve_model_path(model_args.model_name_or_path)
-    quantization = get_quantization_config(model_args)
-    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+    model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-    if quantization is not None:
-        model_init_kwargs.update(quantization_config=quantization, device_map=get_kbit_device_map())
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
     trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=dataset,
-                         peft_config=get_peft_config(model_args), callbacks=[StageMetricsCallback(run)])
+                         peft_config=get_peft_config(model_args), quantization_config=get_quantization_config(model_args),
+                         callbacks=[StageMetricsCallback(run)])
     t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     elapsed = time.perf_counter() - t0
 
     staging = Path(training_args.output_dir) / ".adapter.staging"
     trainer.save_model(str(staging))  # every rank calls it (FSDP gathers); rank 0 writes
     trainer.accelerator.wait_for_everyone()
-    metrics = {f"train/final_{k.removeprefix('train_')}": float(v) for k, v in output.metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics["train/n_items"] = float(len(records))
+    metrics = {"train/n_items": float(len(records))}  # the trainer's own summary arrives via the callback
     metrics["train/wall_seconds"] = elapsed
     if torch.cuda.is_available():
         metrics["train/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
