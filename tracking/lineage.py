@@ -27,10 +27,10 @@ class Upstream:
 
     @property
     def identity(self) -> str:
-        """What a downstream config_id hashes: the upstream config_id (+ seed), else the path."""
+        """What a downstream config_id hashes: the upstream config_id (seed-free), else the path."""
         if self.run_id is None:
             return f"path:{self.path.resolve()}"
-        return f"config:{self.config_id}:seed:{self.tags.get('seed', 'none')}"
+        return f"config:{self.config_id}"
 
 
 def is_run_ref(ref: str) -> bool:

@@ -43,6 +43,8 @@ import yaml
 
 from sst_lab.redact import redact, redact_text
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 STAGES = ("train", "merge", "evaluate", "compare", "aggregate", "report")
 # Fields that identify *where* or *which repetition*, not *what*: left out of config_id.
 CONFIG_ID_EXCLUDE = {"seed", "data_seed", "output_dir", "logging_dir", "run_name", "tracking_uri",

@@ -1,0 +1,333 @@
+"""Library code of the merge stage: plan, (Fisher), merge every module, check, write, report.
+
+Order of work (mergekit's "plan, check, execute, commit"): resolve both adapters (paths or train
+run ids), read them, pair modules by name and check compatibility *before* any tensor is touched;
+then compute Fisher blocks when the method needs them, merge module by module through the method
+registry, re-factorise each merged dW to a LoRA of a stated rank (relative error logged), check
+the result differs from the base and from each input, and write the merged adapter atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sst_lab.config import ConfigError
+from sst_lab.data import load_training_records, training_items
+from sst_lab.io import atomic_dir, write_json_atomic
+from sst_lab.merge.lora import AdapterWeights, plan_merge, read_adapter, refactorise, write_adapter
+from sst_lab.merge.methods import MethodParams, ModuleInputs, available_methods, get_method, run_method
+from sst_lab.merge.sst import global_k_budget, solve_gevp
+from sst_lab.models import resolve_model_path
+from sst_lab.tracking.lineage import Upstream, resolve
+
+FISHER_METHODS = ("sst", "sst_diag")
+
+
+@dataclass
+class MergeArguments:
+    """What to merge, how, and with which Fisher data. Method parameters left unset are not passed:
+    a parameter the chosen method does not use is an error (a ``k`` that changes nothing)."""
+
+    utility_adapter: str | None = field(default=None, metadata={"help": "Utility adapter folder or train run id."})
+    safety_adapter: str | None = field(default=None, metadata={"help": "Safety adapter folder or train run id."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Base model; default: the adapters' base_model_name_or_path (must agree)."})
+    method: str | None = field(default=None, metadata={"help": "Merge method (registry name); required."})
+    weights: list[float] | None = field(default=None, metadata={
+        "help": "(utility, safety) weights for linear/cat/svd/ties/dare_*; default (1, 1)."})
+    density: float | None = field(default=None, metadata={"help": "ties/dare_*: fraction of entries kept."})
+    ties_lambda: float | None = field(default=None, metadata={"help": "ties/dare_ties: scale of the merged update."})
+    svd_rank: int | None = field(default=None, metadata={"help": "svd: truncation rank."})
+    k: int | None = field(default=None, metadata={"help": "sst/sst_diag: directions kept per module (0..r^2)."})
+    k_global: int | None = field(default=None, metadata={
+        "help": "sst: a global budget of directions over all modules (top eigenvalues), instead of k."})
+    alpha: float | None = field(default=None, metadata={"help": "sst/sst_diag: scale of the projected safety update."})
+    eps_rel: float | None = field(default=None, metadata={
+        "help": "sst/sst_diag: damping eps = eps_rel * mean eigenvalue of F_u (default 1e-3)."})
+    seed: int = field(default=0, metadata={"help": "Seed (DARE masks, Fisher example draw)."})
+    fisher_safety_data: str = field(default="tiny-world:safety_train.jsonl", metadata={
+        "help": "Safety Fisher data (harmful prompt -> refusal), any training format."})
+    fisher_utility_data: str = field(default="tiny-world:utility_train.jsonl", metadata={
+        "help": "Utility Fisher data, any training format."})
+    fisher_format: str = field(default="auto", metadata={"help": "Format of both Fisher data sets."})
+    fisher_n: int = field(default=256, metadata={"help": "Examples drawn (with the seed) from each Fisher data set."})
+    fisher_batch_size: int = field(default=16, metadata={"help": "Examples per forward/backward."})
+    max_length: int = field(default=512, metadata={"help": "Token limit of a Fisher example."})
+    fisher_dtype: str = field(default="float32", metadata={"help": "Model dtype for the Fisher pass."})
+    output_rank: int | None = field(default=None, metadata={
+        "help": "Rank of the merged LoRA; default r_utility + r_safety (exact for linear/cat/sst)."})
+    allow_identical_to_input: bool = field(default=False, metadata={
+        "help": "Allow a merge equal to an input (e.g. k=0 or alpha=0); otherwise that fails the run."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the merged adapter goes."})
+    run_name: str | None = field(default=None, metadata={"help": "MLflow run name."})
+
+    def __post_init__(self):
+        if not self.method:
+            raise ConfigError(f"method is required; one of {available_methods()}")
+        if self.method not in available_methods():
+            get_method(self.method)  # raises with "did you mean"
+        if self.k is not None and self.k_global is not None:
+            raise ConfigError("give k (per module) or k_global (global budget), not both")
+        if self.k_global is not None and self.method != "sst":
+            raise ConfigError(f"k_global is an sst option; method is {self.method!r}")
+        if self.fisher_n <= 0 or self.fisher_batch_size <= 0:
+            raise ConfigError("fisher_n and fisher_batch_size must be positive")
+
+    def method_params(self, k: int | None = None) -> MethodParams:
+        given = {"weights": tuple(self.weights) if self.weights is not None else None, "density": self.density,
+                 "ties_lambda": self.ties_lambda, "rank": self.svd_rank, "k": self.k if k is None else k,
+                 "alpha": self.alpha, "eps_rel": self.eps_rel}
+        if self.method.startswith("dare"):
+            given["seed"] = self.seed
+        return MethodParams(**{key: v for key, v in given.items() if v is not None})
+
+
+@dataclass
+class Inputs:
+    utility: Upstream
+    safety: Upstream
+    u: AdapterWeights
+    s: AdapterWeights
+    base_model: str
+
+
+def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -> Inputs:
+    if not args.utility_adapter or not args.safety_adapter:
+        raise ConfigError("utility_adapter and safety_adapter are required (adapter folders or train run ids)")
+    up_u = resolve(args.utility_adapter, artifact_path="adapter", expect_stage="train", dst=work / "utility",
+                   tracking_uri=tracking_uri, field_name="utility_adapter")
+    up_s = resolve(args.safety_adapter, artifact_path="adapter", expect_stage="train", dst=work / "safety",
+                   tracking_uri=tracking_uri, field_name="safety_adapter")
+    u, s = read_adapter(up_u.path), read_adapter(up_s.path)
+    declared = u.base_model_name_or_path
+    base = args.base_model or declared
+    if base is None:
+        raise ConfigError("base_model: not given and the adapters do not name one")
+    if args.base_model and declared and resolve_model_path(args.base_model) != declared \
+            and Path(args.base_model).name != Path(declared).name:
+        raise ConfigError(f"base_model {args.base_model!r} differs from the adapters' base {declared!r}")
+    return Inputs(up_u, up_s, u, s, base)
+
+
+def _fisher(args: MergeArguments, inputs: Inputs) -> tuple[dict, dict, dict[str, Any], list[dict]]:
+    """F_s and F_u of the safety core at base + utility + safety, on the two Fisher data sets."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sst_lab.merge.fisher import activate_adapters, fisher_blocks, fisher_diag
+    from sst_lab.merge.fisher_data import make_batches
+    from sst_lab.models import load_tokenizer
+    from sst_lab.train.lora_sft import resolve_dataset_name
+
+    path = resolve_model_path(inputs.base_model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.fisher_dtype))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model = PeftModel.from_pretrained(model, str(inputs.utility.path), adapter_name="utility")
+    model.load_adapter(str(inputs.safety.path), adapter_name="safety")
+    activate_adapters(model, ["utility", "safety"])
+    tok = load_tokenizer(path, padding_side="right")
+    fn = fisher_blocks if args.method == "sst" else fisher_diag
+    out, info, items = {}, {}, []
+    for which, name in (("safety", args.fisher_safety_data), ("utility", args.fisher_utility_data)):
+        source = resolve_dataset_name(name)
+        records = load_training_records(source, fmt=args.fisher_format, sample_size=None, seed=args.seed)
+        if len(records) > args.fisher_n:
+            records = load_training_records(source, fmt=args.fisher_format, sample_size=args.fisher_n, seed=args.seed)
+        batches = make_batches(records, tok, max_length=args.max_length, batch_size=args.fisher_batch_size,
+                               source=source)
+        t0 = time.perf_counter()
+        out[which] = {k: v.cpu() for k, v in fn(model, batches, "safety").items()}
+        info[f"fisher_{which}_seconds"] = time.perf_counter() - t0
+        info[f"fisher_{which}_n"] = len(records)
+        items += training_items(records)
+    return out["safety"], out["utility"], info, items
+
+
+def base_weight_norms(base_model: str, names: list[str]) -> dict[str, float]:
+    """Frobenius norms of the base weights of the adapted modules, read lazily from safetensors."""
+    from safetensors import safe_open
+
+    path = Path(resolve_model_path(base_model))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(base_model, allow_patterns=["*.safetensors", "*.json"]))
+    wanted = {f"{n}.weight": n for n in names}
+    norms: dict[str, float] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                short = key.removeprefix("model.") if key not in wanted else key
+                for cand in (key, short, "model." + key):
+                    if cand in wanted:
+                        norms[wanted[cand]] = float(fh.get_tensor(key).double().norm())
+    missing = sorted(set(names) - set(norms))
+    if missing:
+        raise ValueError(f"base model {base_model}: no weights found for adapted modules {missing[:5]}")
+    return norms
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(b.norm())
+    return float((a - b).norm()) / denom if denom > 0 else float("nan")
+
+
+@dataclass
+class MergeOutcome:
+    adapter_dir: Path
+    report: dict[str, Any]
+    metrics: dict[str, float]
+
+
+def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: dict, out_dir: Path) -> MergeOutcome:
+    t_start = time.perf_counter()
+    plan = plan_merge(inputs.u, inputs.s)
+    info: dict[str, Any] = {"n_modules": len(plan.pairs)}
+    F_s = F_u = None
+    fisher_items: list[dict] = []
+    if args.method in FISHER_METHODS:
+        F_s, F_u, finfo, fisher_items = _fisher(args, inputs)
+        info.update(finfo)
+    per_module_k = None
+    if args.k_global is not None:
+        eps_rel = args.eps_rel if args.eps_rel is not None else MethodParams().eps_rel
+        spectra = {n: solve_gevp(F_s[n], F_u[n], eps_rel, module=n).eigenvalues for n in plan.names}
+        per_module_k = global_k_budget(spectra, args.k_global)
+    norms = base_weight_norms(inputs.base_model, plan.names)
+
+    rank = args.output_rank or (inputs.u.r + inputs.s.r)
+    t0 = time.perf_counter()
+    modules, report_modules = {}, {}
+    for pair in plan.pairs:
+        n = pair.name
+        fu, fs = inputs.u.modules[n], inputs.s.modules[n]
+        params = args.method_params(k=None if per_module_k is None else per_module_k[n])
+        result = run_method(args.method, ModuleInputs(n, fu, fs, None if F_s is None else F_s[n],
+                                                      None if F_u is None else F_u[n]), params)
+        dW_u, dW_s, dW_m = fu.delta(), fs.delta(), result.delta
+        A, B, err = refactorise(dW_m, min(rank, *dW_m.shape))
+        modules[n] = (A, B)
+        stats = _jsonable(result.stats)
+        if stats.get("eigenvalues"):
+            stats["top_eigenvalue"] = stats["eigenvalues"][0]
+        entry = {**stats, "refactor_rel_error": err,
+                 "rel_dist_base": float(dW_m.norm()) / norms[n],
+                 "rel_dist_utility": _rel(dW_m, dW_u), "rel_dist_safety": _rel(dW_m, dW_s),
+                 "safety_norm_rel_base": float(dW_s.norm()) / norms[n]}
+        report_modules[n] = entry
+    info["merge_seconds"] = time.perf_counter() - t0
+    _check_distinct(args, report_modules)
+
+    report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": rank,
+              "base_model": inputs.base_model, "modules": report_modules, **info}
+    metrics = _metrics(report_modules, info)
+    metrics["merge/total_seconds"] = time.perf_counter() - t_start
+    metrics["merge/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if torch.cuda.is_available():
+        metrics["merge/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+    if run.enabled:
+        with atomic_dir(out_dir) as tmp:
+            write_adapter(tmp, modules, base_model_name_or_path=inputs.u.base_model_name_or_path, rank=rank,
+                          template_config=inputs.u.config)
+            lineage_items = (_items(inputs.utility.path) + _items(inputs.safety.path) + fisher_items)
+            write_json_atomic(tmp / "training_items.json", _dedup(lineage_items))
+            write_json_atomic(tmp / "merge_report.json", report)
+            import yaml
+
+            (tmp / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+        run.log_metrics(metrics)
+        run.log_artifacts(out_dir, "adapter")
+        run.log_json(report, "merge_report.json")
+        _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
+    return MergeOutcome(out_dir, report, metrics)
+
+
+def _items(adapter_dir: Path) -> list[dict]:
+    f = Path(adapter_dir) / "training_items.json"
+    return json.loads(f.read_text()) if f.is_file() else []
+
+
+def _dedup(items: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for it in items:
+        key = (it["id"], it["prompt_sha"])
+        if key not in seen:
+            seen.add(key)
+            out.append(it)
+    return out
+
+
+def _check_distinct(args: MergeArguments, modules: dict[str, dict]) -> None:
+    """The merged model must differ from the base and from each input (unless explicitly allowed)."""
+    tol = 1e-9
+    if all(m["rel_dist_base"] <= tol for m in modules.values()):
+        raise RuntimeError(f"merge {args.method}: the merged update is zero in every module: the merged model "
+                           "IS the base model")
+    for which in ("utility", "safety"):
+        if all(m[f"rel_dist_{which}"] <= tol for m in modules.values()) and not args.allow_identical_to_input:
+            raise RuntimeError(f"merge {args.method}: the merged model equals the {which} input in every module "
+                               "(e.g. k=0 or alpha=0); pass allow_identical_to_input to accept that")
+
+
+def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    keys = sorted({k for m in modules.values() for k, v in m.items() if _finite(v)})
+    for key in keys:
+        vals = [m[key] for m in modules.values() if _finite(m.get(key))]
+        out[f"merge/{key}/mean"] = sum(vals) / len(vals)
+        out[f"merge/{key}/min"] = min(vals)
+        out[f"merge/{key}/max"] = max(vals)
+        for name, m in modules.items():
+            if _finite(m.get(key)):
+                out[f"merge/module/{name}/{key}"] = float(m[key])
+    for key, v in info.items():
+        if _finite(v):
+            out[f"merge/{key}"] = float(v)
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _plot_spectra(modules: dict[str, dict], png: Path, run: Any) -> None:
+    """Per-module generalized eigen-spectra (sst only: modules with an ``eigenvalues`` list)."""
+    spectra = {n: m["eigenvalues"] for n, m in modules.items() if isinstance(m.get("eigenvalues"), list)}
+    if not spectra:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for n, ev in spectra.items():
+        ax.semilogy(range(1, len(ev) + 1), [max(v, 1e-12) for v in ev], lw=0.8, alpha=0.6)
+    ax.set_xlabel("direction (sorted)")
+    ax.set_ylabel("generalized eigenvalue  λ  (F_s v = λ (F_u + εI) v)")
+    ax.set_title(f"SST eigen-spectra of {len(spectra)} modules")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    run.log_artifact(png, "plots")
+    png.unlink()
