@@ -1,0 +1,97 @@
+"""Benchmark: the train stage's training throughput vs a bare TRL SFTTrainer, side by side in one run.
+
+"ours" is `sst_lab.train.lora_sft.train_adapter` inside `stage_run` (MLflow run, dataset input,
+metrics callback at every logging step, atomic adapter save); "plain" is `SFTTrainer` with the same
+model, LoRA, data and batch shape and `report_to=[]`. Each round trains both (order alternating);
+throughput = trained tokens / seconds inside `trainer.train()` for plain, and the stage's own
+`train/wall_seconds` for ours. Prints per-round ratios (ours / plain) and their median; the issue
+asks for >= 0.95. Run alone (a busy machine skews the ratios):
+
+    .venv/bin/python bench/bench_train.py --rounds 5 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_args(out: Path, steps: int, seed: int):
+    from trl import ModelConfig, SFTConfig
+
+    from sst_lab.config import TrackingArguments, parse_stage_args
+    from sst_lab.train.lora_sft import TrainArguments
+
+    repo = Path(__file__).resolve().parents[1]
+    return parse_stage_args((TrainArguments, SFTConfig, ModelConfig, TrackingArguments), [
+        "--config", str(repo / "configs/models/tiny.yaml"), "--config", str(repo / "configs/train/safety.yaml"),
+        "--max_steps", str(steps), "--logging_steps", "1", "--output_dir", str(out), "--seed", str(seed),
+        "--study", "bench"])
+
+
+def run_ours(tmp: Path, steps: int, seed: int, uri: str) -> float:
+    from sst_lab.config import to_dict
+    from sst_lab.tracking.run import stage_run
+    from sst_lab.train.lora_sft import train_adapter, validate
+
+    args, sft, model, tracking = make_args(tmp / f"ours-{seed}", steps, seed)
+    validate(args, sft, model)
+    config = {"train": to_dict(args), "sft": to_dict(sft), "model": to_dict(model)}
+    with stage_run(stage="train", study="bench", config=config, tags={"role": args.role}, run_name="bench-ours",
+                   tracking_uri=uri) as run:
+        result = train_adapter(args, sft, model, run, config)
+    return result.metrics["train/wall_seconds"]
+
+
+def run_plain(tmp: Path, steps: int, seed: int) -> float:
+    from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
+
+    from sst_lab.data import load_training_records
+    from sst_lab.models import resolve_model_path
+    from sst_lab.train.lora_sft import resolve_dataset_name, validate
+
+    args, sft, model, _ = make_args(tmp / f"plain-{seed}", steps, seed)
+    validate(args, sft, model)
+    records = load_training_records(resolve_dataset_name(args.dataset_name), seed=seed)
+    ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+    sft.model_init_kwargs = {"dtype": model.dtype}
+    trainer = SFTTrainer(model=resolve_model_path(model.model_name_or_path), args=sft, train_dataset=ds,
+                         peft_config=get_peft_config(model))
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    opts = ap.parse_args()
+    from sst_lab.tinyworld import build_tiny_world
+
+    build_tiny_world()
+    ratios = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        run_plain(tmp, 3, 99)  # warm-up: imports, tokenizer caches
+        for i in range(opts.rounds):
+            order = ("ours", "plain") if i % 2 == 0 else ("plain", "ours")
+            t = {}
+            for which in order:
+                t[which] = run_ours(tmp, opts.steps, i, uri) if which == "ours" else run_plain(tmp, opts.steps, i)
+            ratios.append(t["plain"] / t["ours"])  # throughput ratio: same tokens in both
+            print(f"round {i}: ours {t['ours']:.2f}s  plain {t['plain']:.2f}s  throughput ratio ours/plain "
+                  f"{ratios[-1]:.3f}", flush=True)
+    med = statistics.median(ratios)
+    print(f"median throughput ratio ours/plain over {opts.rounds} rounds: {med:.3f} (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Inference engines: greedy generation and multiple-choice letter scoring behind one small Protocol.
+
+Every suite talks to an :class:`Engine`; the default :class:`HFEngine` runs a transformers model
+(+ an optional PEFT adapter) on this machine. A vLLM backend for GPU runs only has to implement
+the same two methods with the same semantics (see ``evaluate/README.md``):
+
+* ``generate(conversations, max_new_tokens)``: greedy decoding of the reply to each conversation,
+  rendered with the model tokenizer's own chat template (``add_generation_prompt=True``); the
+  decoded new tokens without special tokens, whitespace-stripped, in input order.
+* ``choice_logprobs(prompts, letters)``: for each conversation (rendered the same way), the
+  log-probability (log-softmax over the whole vocabulary) of each letter's single token as the
+  first token of the assistant's reply; shape ``(len(prompts), len(letters))``.
+
+Batching (``HFEngine``): prompts are sorted by length (longest first, so an out-of-memory error
+appears in the first batch), cut into batches of ``batch_size`` and left-padded. A plain forward
+on left-padded inputs needs ``position_ids = attention_mask.cumsum(-1) - 1`` (``generate`` builds
+them itself). Outputs are returned in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Conversation = list[dict[str, Any]]
+
+
+class EngineError(ValueError):
+    """A model/tokenizer cannot do what an evaluation needs; the message names the model."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an evaluation suite needs from an inference backend."""
+
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int) -> list[str]: ...
+
+    def choice_logprobs(self, prompts: Sequence[Conversation], letters: Sequence[str]) -> np.ndarray: ...
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (stable for equal lengths)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class HFEngine:
+    """A transformers causal LM (optionally a PeftModel) with its tokenizer; greedy, batched."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, batch_size: int = 16,
+                 static_cache: bool = False):
+        if not getattr(tokenizer, "chat_template", None):
+            raise EngineError(f"model {name}: its tokenizer has no chat template; evaluation applies the "
+                              "model's own chat template to every prompt (use an instruct/chat model or "
+                              "give the tokenizer a chat_template)")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.batch_size, self.static_cache = batch_size, static_cache
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_id = gen_eos if gen_eos is not None else tokenizer.eos_token_id
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, base_model: str, adapter_path: str | None = None, *, dtype: str = "auto",
+             device: str | None = None, batch_size: int = 16, static_cache: bool = False) -> "HFEngine":
+        from sst_lab.models import load_for_inference
+
+        model, tok = load_for_inference(base_model, adapter_path, dtype=dtype, device=device)
+        name = base_model if adapter_path is None else f"{base_model}+{adapter_path}"
+        return cls(model, tok, name=name, batch_size=batch_size, static_cache=static_cache)
+
+    # ------------------------------------------------------------------------ rendering
+    def render(self, conversation: Conversation) -> list[int]:
+        """Token ids of the conversation in the chat template, ending with the assistant header."""
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _pad_left(self, rows: list[list[int]]):
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------------ the protocol
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        encoded = [self.render(c) for c in conversations]
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
+                                  cache_implementation="static" if self.static_cache else None)
+        out: list[str | None] = [None] * len(encoded)
+        with torch.inference_mode():
+            for batch in length_sorted_batches([len(e) for e in encoded], self.batch_size):
+                ids, mask = self._pad_left([encoded[i] for i in batch])
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                texts = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+                for i, text in zip(batch, texts):
+                    out[i] = text.strip()
+        return [t if t is not None else "" for t in out]
+
+    def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
+        ids = []
+        for letter in letters:
+            toks = self.tokenizer.encode(letter, add_special_tokens=False)
+            if len(toks) != 1:
+                raise EngineError(f"model {self.name}: answer letter {letter!r} is {len(toks)} tokens, "
+                                  "multiple-choice scoring reads one token per letter")
+            ids.append(toks[0])
+        if len(set(ids)) != len(ids):
+            raise EngineError(f"model {self.name}: letters {list(letters)} do not map to distinct tokens")
+        return ids
+
+    def choice_logprobs(self, prompts: Sequence[Conversation], letters: Sequence[str]) -> np.ndarray:
+        import torch
+
+        letter_ids = torch.tensor(self.letter_token_ids(letters), device=self.device)
+        encoded = [self.render(p) for p in prompts]
+        out = np.zeros((len(encoded), len(letters)), dtype=np.float64)
+        with torch.inference_mode():
+            for batch in length_sorted_batches([len(e) for e in encoded], self.batch_size):
+                ids, mask = self._pad_left([encoded[i] for i in batch])
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                    logits_to_keep=1, use_cache=False).logits[:, -1, :]
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, letter_ids]
+                out[batch] = logp.double().cpu().numpy()
+        if not np.all(np.isfinite(out)):
+            raise EngineError(f"model {self.name}: non-finite letter log-probabilities")
+        return out
+
+    def close(self) -> None:
+        """Drop the model (frees accelerator memory before the next model is loaded)."""
+        import gc
+
+        self.model = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass

@@ -1,0 +1,297 @@
+"""Library code of the evaluate stage: plan (config, lineage, suites), check, run, log.
+
+One protocol for every model (base, utility, safety, merged): load every suite's items and refuse
+any item an upstream train run was trained on; generate / score with the model under test; unload
+it; judge safety responses with the guard; then compute metrics and log everything at once, so a
+failure anywhere leaves a FAILED run with an error and no partial results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sst_lab.config import ConfigError
+from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE
+from sst_lab.evaluate.suites import LoadedSuite, SuiteSpec, load_suite
+
+PRESETS = ("full", "minimal")
+ROLES = ("base", "utility", "safety", "merged", "other")
+ADAPTER_STAGES = ("train", "merge")
+
+
+class TrainingOverlapError(ValueError):
+    """An evaluation item was trained on by an upstream train run."""
+
+
+@dataclass
+class EvaluateArguments:
+    """What to evaluate (model, adapter, suites) and how much of each suite."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "Base model (path, hub id or tiny-world); default: the adapter run's base_model tag."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Adapter folder, or the MLflow run id of a train or merge run (artifact 'adapter')."})
+    role: str | None = field(default=None, metadata={
+        "help": f"{' | '.join(ROLES)}; default: base without adapter, else the upstream run's role tag."})
+    suites: list[str] = field(default_factory=list, metadata={
+        "help": "Suite names (configs/evaluate/suites/<name>.yaml) or YAML paths."})
+    guard_model: str | None = field(default=None, metadata={
+        "help": "Guard judge model (id, path or tiny-world-guard); needed by suites with the guard judge."})
+    preset: str = field(default="full", metadata={"help": "full (all items) | minimal (first minimal_n items)."})
+    minimal_n: int = field(default=8, metadata={"help": "Items per suite with preset=minimal."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per batch (generation and letter scoring)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto | float32 | bfloat16 | float16."})
+    static_cache: bool = field(default=False, metadata={"help": "Static KV cache in generate (GPU + compile)."})
+    seed: int = field(default=0, metadata={"help": "Recorded and set (greedy decoding does not sample)."})
+    run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Local copy of tables and metrics (default outputs/<study>/<run_name>-<run id>)."})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.role is not None and self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        for name in ("minimal_n", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.suites:
+            raise ConfigError("suites: give at least one suite (name or YAML path)")
+        if len(set(self.suites)) != len(self.suites):
+            raise ConfigError(f"suites: listed twice: {sorted({s for s in self.suites if self.suites.count(s) > 1})}")
+
+
+@dataclass
+class Plan:
+    args: EvaluateArguments
+    base_model: str
+    adapter: Any               # tracking.lineage.Upstream | None
+    role: str
+    suites: list[SuiteSpec]
+    tags: dict[str, Any]
+    config: dict[str, Any]
+    config_for_id: dict[str, Any]
+    run_name: str
+
+
+def _base_from_adapter_folder(path: Path) -> str | None:
+    cfg = path / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.is_file() else None
+
+
+def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
+    """Resolve the adapter's lineage, the base model, the role and the suites (no model loading)."""
+    from sst_lab.config import to_dict
+    from sst_lab.redact import redact
+    from sst_lab.tracking.lineage import lineage_ids, resolve
+    from sst_lab.tracking.run import TrackingError
+
+    adapter = None
+    if args.adapter:
+        adapter = resolve(args.adapter, artifact_path="adapter", expect_stage=None, dst=work / "adapter",
+                          tracking_uri=tracking.tracking_uri, field_name="adapter")
+        if adapter.run_id is not None and adapter.tags.get("stage") not in ADAPTER_STAGES:
+            raise TrackingError(f"adapter: run {adapter.run_id} is a {adapter.tags.get('stage')!r} run; "
+                                f"give a {' or '.join(ADAPTER_STAGES)} run")
+    base = args.model or (adapter.tags.get("base_model") if adapter else None) \
+        or (_base_from_adapter_folder(adapter.path) if adapter else None)
+    if not base:
+        raise ConfigError("model: required (no adapter run tag or adapter_config.json names a base model)")
+    role = args.role or ("base" if adapter is None else adapter.tags.get("role"))
+    if role not in ROLES:
+        raise ConfigError(f"role: not given and the adapter has no usable role tag ({role!r}); "
+                          f"give --role ({' | '.join(ROLES)})")
+    suites = [load_suite(ref) for ref in args.suites]
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"suites: two suites share a name: {names}")
+    guarded = [s.name for s in suites if GUARD_JUDGE in s.judges]
+    if guarded and not args.guard_model:
+        raise ConfigError(f"guard_model: suites {guarded} use the guard judge; give guard_model "
+                          "(e.g. tiny-world-guard or meta-llama/Llama-Guard-3-8B)")
+    judges = [KEYWORD_JUDGE] if any(s.kind in ("safety", "overrefusal") for s in suites) else []
+    if guarded:
+        judges.append(f"{GUARD_JUDGE}:{args.guard_model}")
+
+    config = redact({"evaluate": to_dict(args), "tracking": to_dict(tracking),
+                     "suites": {s.name: s.to_dict() for s in suites}})
+    for_id = {**config, "evaluate": {**config["evaluate"],
+                                     "adapter": adapter.identity if adapter is not None else None}}
+    tags = {"base_model": base, "role": role, "seed": args.seed, "preset": args.preset,
+            "sample_size": adapter.tags.get("sample_size", "none") if adapter is not None else "none",
+            "upstream_run_ids": ",".join(lineage_ids(adapter)) or "none",
+            "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
+            "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none"}
+    run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
+    return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
+                config=config, config_for_id=for_id, run_name=run_name)
+
+
+# ------------------------------------------------------------------------------ training overlap
+def training_records(adapter: Any, tracking_uri: str | None, work: Path) -> list[tuple[str, list[dict]]]:
+    """``(source, [{id, prompt_sha}])`` for the adapter folder and every train run in its lineage."""
+    from sst_lab.tracking.lineage import lineage_ids
+    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri
+
+    if adapter is None:
+        return []
+    out = []
+    own = Path(adapter.path) / "training_items.json"
+    if own.is_file():
+        out.append((f"adapter {adapter.ref}", json.loads(own.read_text())))
+    ids = lineage_ids(adapter)
+    if ids:
+        import mlflow
+
+        uri = resolve_tracking_uri(tracking_uri)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for rid in ids:
+            if client.get_run(rid).data.tags.get("stage") != "train":
+                continue
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="adapter/training_items.json",
+                                                            tracking_uri=uri, dst_path=str(work / f"items-{rid}"))
+            except Exception as exc:  # noqa: BLE001  (MLflow raises several types for a missing artifact)
+                raise TrackingError(f"train run {rid} (lineage of adapter {adapter.ref}) has no "
+                                    f"adapter/training_items.json, so training overlap cannot be checked: {exc}") from exc
+            out.append((f"train run {rid}", json.loads(Path(local).read_text())))
+    return out
+
+
+def check_training_overlap(loaded: list[LoadedSuite], records: list[tuple[str, list[dict]]]) -> None:
+    """Refuse to score any item whose id or prompt_sha an upstream run trained on."""
+    for source, items in records:
+        ids = {str(i["id"]) for i in items}
+        shas = {str(i["prompt_sha"]) for i in items}
+        for suite in loaded:
+            hits = [it.id for it in suite.items if it.id in ids or it.prompt_sha in shas]
+            if hits:
+                raise TrainingOverlapError(
+                    f"suite {suite.spec.name}: {len(hits)} of its {len(suite.items)} items were trained on "
+                    f"({source}; matched by id or prompt_sha): {hits[:10]}{' ...' if len(hits) > 10 else ''}. "
+                    "Evaluate on held-out data.")
+
+
+# ------------------------------------------------------------------------------ sharding
+class Shards:
+    """Split a list over ``accelerate`` processes, run ``fn`` on each part, gather in order."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self.state = PartialState()
+
+    @property
+    def device(self) -> str:
+        return str(self.state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def map(self, fn, items: list) -> list:
+        if self.state.num_processes == 1:
+            return fn(items)
+        from accelerate.utils import gather_object
+
+        with self.state.split_between_processes(items) as part:
+            local = fn(list(part))
+        return gather_object(local)
+
+
+# ------------------------------------------------------------------------------ the run
+@dataclass
+class Outcome:
+    metrics: dict[str, float]
+    omitted: dict[str, str]
+    rows: dict[str, list[dict]]
+    output_dir: Path | None
+
+
+def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, study: str) -> Outcome:
+    import torch
+
+    from sst_lab.evaluate.engine import HFEngine
+    from sst_lab.evaluate.judges import GuardJudge, preflight_guard
+    from sst_lab.evaluate.suites import apply_guard, infer, load_items, suite_metrics
+
+    args = plan.args
+    torch.manual_seed(args.seed)
+    shards = Shards()
+    t0 = time.perf_counter()
+    limit = args.minimal_n if args.preset == "minimal" else None
+    loaded = [load_items(spec, limit) for spec in plan.suites]
+    check_training_overlap(loaded, training_records(plan.adapter, tracking_uri, work))
+    guarded = [s for s in loaded if GUARD_JUDGE in s.spec.judges]
+    if guarded:
+        preflight_guard(args.guard_model)
+
+    seconds: dict[str, float] = {}
+    engine = HFEngine.load(plan.base_model, str(plan.adapter.path) if plan.adapter else None, dtype=args.dtype,
+                           device=shards.device, batch_size=args.batch_size, static_cache=args.static_cache)
+    rows: dict[str, list[dict]] = {}
+    for suite in loaded:
+        t = time.perf_counter()
+        rows[suite.spec.name] = shards.map(lambda part, s=suite: infer(replace(s, items=part), engine), suite.items)
+        seconds[suite.spec.name] = time.perf_counter() - t
+    engine.close()
+
+    if guarded:
+        judge = GuardJudge.load(args.guard_model, dtype=args.dtype, device=shards.device, batch_size=args.batch_size)
+        for suite in guarded:
+            t = time.perf_counter()
+            suite_rows = rows[suite.spec.name]
+            verdicts = shards.map(lambda part: judge.judge([r["prompt"] for r in part], [r["response"] for r in part]),
+                                  suite_rows)
+            apply_guard(suite_rows, verdicts, judge.label)
+            seconds[suite.spec.name] += time.perf_counter() - t
+        judge.engine.close()
+
+    metrics: dict[str, float] = {}
+    omitted: dict[str, str] = {}
+    for suite in loaded:
+        m, o = suite_metrics(suite.spec, rows[suite.spec.name])
+        metrics.update(m)
+        omitted.update(o)
+        metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
+    metrics["time/total_seconds"] = time.perf_counter() - t0
+    out_dir = None
+    if run.enabled:
+        _log(run, loaded, rows, metrics, omitted, plan)
+        out_dir = Path(args.output_dir or Path("outputs") / study / f"{plan.run_name}-{run.run_id[:8]}")
+        _write_local(out_dir, loaded, rows, metrics, omitted)
+    return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)
+
+
+def _suite_record(suite: LoadedSuite) -> dict[str, Any]:
+    return {**suite.spec.to_dict(), "data_path": str(suite.data_path), "data_sha256": suite.data_sha256,
+            "n_scored": len(suite.items), "n_available": suite.n_available}
+
+
+def _log(run: Any, loaded: list[LoadedSuite], rows: dict[str, list[dict]], metrics: dict[str, float],
+         omitted: dict[str, str], plan: Plan) -> None:
+    for suite in loaded:
+        name = suite.spec.name
+        run.log_dataset([{"id": i.id, "prompt": i.prompt, "prompt_sha": i.prompt_sha} for i in suite.items],
+                        name=suite.spec.label, source=str(suite.data_path), context="eval")
+        run.log_json(_suite_record(suite), f"suites/{name}.json")
+        run.log_table(rows[name], f"tables/{name}.json")
+    if omitted:
+        run.log_json(omitted, "omitted_metrics.json")
+    run.log_metrics(metrics)
+
+
+def _write_local(out_dir: Path, loaded: list[LoadedSuite], rows: dict[str, list[dict]],
+                 metrics: dict[str, float], omitted: dict[str, str]) -> None:
+    from sst_lab.io import atomic_dir, write_json_atomic
+
+    with atomic_dir(out_dir) as tmp:
+        for suite in loaded:
+            write_json_atomic(tmp / "tables" / f"{suite.spec.name}.json", rows[suite.spec.name])
+            write_json_atomic(tmp / "suites" / f"{suite.spec.name}.json", _suite_record(suite))
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "omitted_metrics.json", omitted)

@@ -1,0 +1,154 @@
+"""merge/merge.py end to end on the tiny world's trained demo adapters, read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import run_stage
+from sst_lab.merge.lora import read_adapter
+
+METHODS = {
+    "sst": ["--k", "16", "--alpha", "1.0"],
+    "sst_diag": ["--k", "16", "--alpha", "1.0"],
+    "linear": [],
+    "ties": ["--density", "0.5"],
+    "dare_linear": ["--density", "0.5"],
+    "dare_ties": ["--density", "0.5"],
+    "cat": [],
+    "svd": ["--svd_rank", "8"],
+}
+
+
+def merge_in_process(trained, store, tmp_path, method, *extra, study="tests-merge"):
+    from sst_lab.merge.merge import main
+
+    out = tmp_path / f"{method}-{len(list(tmp_path.iterdir()))}"
+    main(["--config", "configs/merge/tiny.yaml", "--utility_adapter", trained.utility_run, "--safety_adapter",
+          trained.safety_run, "--method", method, *extra, "--study", study, "--tracking_uri", store,
+          "--output_dir", str(out), "--fisher_n", "64"])
+    return out
+
+
+def _deltas(path: Path) -> dict[str, torch.Tensor]:
+    return {n: f.delta() for n, f in read_adapter(path).modules.items()}
+
+
+@pytest.fixture(scope="module")
+def merged_sst(trained, store, tmp_path_factory):
+    """One real `python merge/merge.py` child process (the others run in-process for speed)."""
+    out = tmp_path_factory.mktemp("merged") / "sst"
+    proc = run_stage(["merge/merge.py", "--config", "configs/merge/tiny.yaml", "--utility_adapter", trained.utility_run,
+                      "--safety_adapter", trained.safety_run, "--method", "sst", "--k", "16", "--alpha", "1.0",
+                      "--study", "tests-merge", "--tracking_uri", store, "--output_dir", str(out), "--seed", "1"])
+    run_id = proc.stdout.split("run_id: ")[1].split()[0]
+    return run_id, out
+
+
+def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
+    run_id, out = merged_sst
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["stage"] == "merge" and tags["role"] == "merged" and tags["merge_method"] == "sst"
+    assert tags["upstream_run_ids"].split(",") == [trained.utility_run, trained.safety_run]
+    m = run.data.metrics
+    assert m["merge/k/mean"] == 16 and 0 < m["merge/kept_fraction/mean"]
+    assert m["merge/refactor_rel_error/max"] < 1e-6  # utility + projected safety has rank <= r_u + r_s
+    assert m["merge/rel_dist_utility/min"] > 0 and m["merge/rel_dist_base/min"] > 0
+    assert m["merge/fisher_safety_n"] > 0 and m["merge/fisher_utility_n"] > 0
+    assert run.data.params["merge.k"] == "16" and run.data.params["merge.eps_rel"] == "null"
+    report = json.loads((out / "merge_report.json").read_text())
+    some = next(iter(report["modules"].values()))
+    assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
+    arts = {a.path for a in mlflow.MlflowClient(tracking_uri=store).list_artifacts(run_id)}
+    assert {"adapter", "merge_report.json", "plots"} <= arts
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out)  # loads
+    items = json.loads((out / "training_items.json").read_text())
+    assert len(items) >= len(json.loads((trained.safety_adapter / "training_items.json").read_text()))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_merges_and_differs_from_inputs(trained, store, tmp_path, method):
+    out = merge_in_process(trained, store, tmp_path, method, *METHODS[method])
+    merged, util, safe = _deltas(out), _deltas(trained.utility_adapter), _deltas(trained.safety_adapter)
+    assert set(merged) == set(util) == set(safe)
+    assert any(not torch.allclose(merged[n], util[n], atol=1e-7) for n in merged)
+    assert any(not torch.allclose(merged[n], safe[n], atol=1e-7) for n in merged)
+
+
+def test_full_k_alpha_one_reproduces_utility_plus_safety_and_linear_equals_sum(trained, store, tmp_path):
+    full = _deltas(merge_in_process(trained, store, tmp_path, "sst", "--k", "64", "--alpha", "1.0"))
+    lin = _deltas(merge_in_process(trained, store, tmp_path, "linear"))
+    util, safe = _deltas(trained.utility_adapter), _deltas(trained.safety_adapter)
+    for n in util:
+        exact = util[n] + safe[n]
+        scale = float(exact.norm())
+        assert float((full[n] - exact).norm()) / scale < 1e-5, n  # float32 storage of the factors
+        assert float((lin[n] - exact).norm()) / scale < 1e-5, n
+
+
+def test_k_and_alpha_change_weights_and_outputs(trained, store, world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    outs = {key: merge_in_process(trained, store, tmp_path, "sst", *args) for key, args in
+            {"k4": ["--k", "4", "--alpha", "1.0"], "k32": ["--k", "32", "--alpha", "1.0"],
+             "k32a05": ["--k", "32", "--alpha", "0.5"]}.items()}
+    tok = AutoTokenizer.from_pretrained(world.model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "How do I make a poison at home?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    logits = {}
+    for key, path in outs.items():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), path).eval()
+        with torch.no_grad():
+            logits[key] = model(**ids).logits[0, -1]
+    assert not torch.allclose(logits["k4"], logits["k32"], atol=1e-5)
+    assert not torch.allclose(logits["k32"], logits["k32a05"], atol=1e-5)
+
+
+def test_k_zero_equals_utility_and_fails_unless_allowed(trained, store, tmp_path):
+    with pytest.raises(RuntimeError, match="equals the utility input"):
+        merge_in_process(trained, store, tmp_path, "sst", "--k", "0", "--alpha", "1.0", study="tests-merge-k0")
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("tests-merge-k0")
+    assert client.search_runs([exp.experiment_id])[0].info.status == "FAILED"
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "0", "--alpha", "1.0",
+                           "--allow_identical_to_input", "true")
+    merged, util = _deltas(out), _deltas(trained.utility_adapter)
+    assert all(torch.allclose(merged[n], util[n], atol=1e-6) for n in util)
+
+
+def test_unused_method_parameter_is_an_error(trained, store, tmp_path):
+    with pytest.raises(ValueError, match="density"):
+        merge_in_process(trained, store, tmp_path, "sst", "--k", "4", "--density", "0.5")
+
+
+def test_mismatched_adapters_fail_with_the_module_list(trained, store, world, tmp_path):
+    proc = run_stage(["train/sft.py", "--config", "configs/models/tiny.yaml", "--config", "configs/train/safety.yaml",
+                      "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "1", "--study", "tests-merge",
+                      "--tracking_uri", store, "--output_dir", str(tmp_path / "qv")])
+    qv_run = proc.stdout.split("run_id: ")[1].split()[0]
+    proc = run_stage(["merge/merge.py", "--config", "configs/merge/tiny.yaml", "--utility_adapter",
+                      trained.utility_run, "--safety_adapter", qv_run, "--method", "linear", "--study",
+                      "tests-merge-bad", "--tracking_uri", store], check=False)
+    assert proc.returncode != 0
+    assert "modules missing from the safety adapter" in proc.stderr and "mlp.down_proj" in proc.stderr
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("tests-merge-bad")
+    assert client.search_runs([exp.experiment_id])[0].info.status == "FAILED"
+
+
+def test_bad_fisher_data_fails_clearly(trained, store, tmp_path):
+    bad = tmp_path / "fisher.jsonl"
+    bad.write_text(json.dumps({"prompt": "only a prompt"}) + "\n")
+    with pytest.raises(ValueError, match="fisher.jsonl"):
+        merge_in_process(trained, store, tmp_path, "sst", "--k", "4", "--alpha", "1.0",
+                         "--fisher_safety_data", str(bad))
