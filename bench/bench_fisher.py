@@ -48,7 +48,7 @@ def peak_extra_mb(fn) -> float:
 def build(r: int, seed: int = 0):
     import torch
     import transformers
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from sst_lab.merge.fisher import activate_adapters
 
@@ -61,7 +61,6 @@ def build(r: int, seed: int = 0):
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.05),
                            adapter_name="utility")
     model.add_adapter("safety", LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.05))
-    assert isinstance(model, PeftModel)
     with torch.no_grad():  # trained-looking adapters: LoRA B starts at zero
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -399,6 +399,16 @@ def test_per_example_grads_match_naive_loop(both_model) -> None:
         assert fast[name].shape == (4, R_S, R_S)
         assert rel(fast[name], slow[name]) < 1e-5, name
     assert all(p.grad is None for p in both_model.parameters())
+    # left padding with position_ids gives the same per-example gradients
+    T = batch["input_ids"].shape[1]
+    left = {k: torch.full_like(v, -100 if k == "labels" else 0) for k, v in batch.items()}
+    for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for k in batch:
+            left[k][i, T - n:] = batch[k][i, :n]
+    left["position_ids"] = (left["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    left_grads = fisher.per_example_core_grads(both_model, left, "safety")
+    for name in slow:
+        assert rel(left_grads[name], slow[name]) < 1e-5, name
 
 
 def read_adapter_names(model) -> list[str]:

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import traceback
@@ -283,13 +284,18 @@ def _params_from_config(config: Mapping[str, Any]) -> tuple[dict[str, str], list
 @contextlib.contextmanager
 def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mapping[str, Any],
               run_name: str, tracking_uri: str | None = None,
-              config_for_id: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+              config_for_id: Mapping[str, Any] | None = None,
+              resume_run_id: str | None = None) -> Iterator[StageRun]:
     """Open the stage's MLflow run (main process only) and close it FINISHED or FAILED.
 
     ``config`` is the whole resolved config (logged as params and as a YAML artifact);
     ``config_for_id`` (default ``config``) is what ``config_id`` hashes, with upstream run ids
     replaced by the upstream runs' config ids. ``tags`` must include ``role``; missing standard
     tags are filled with ``"none"`` only where they do not apply (e.g. ``sample_size`` of a merge).
+    Tags named in ``$SST_LAB_RUN_TAGS`` (a JSON object a sweep sets for its child stages) are
+    added where the stage sets none of its own. ``resume_run_id`` reopens that run of the same
+    experiment instead of starting one (aggregate/report runs are updated, never duplicated);
+    its params must not change (MLflow params are immutable).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -309,34 +315,64 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
         all_tags[key] = "none"
     all_tags.update({k: ("none" if v is None else v) for k, v in tags.items()})
     all_tags.update(git_state())
+    all_tags.update(host=socket.gethostname(), pid=os.getpid())  # who owns a RUNNING run (a sweep's stale check)
     all_tags.update(library_versions())
+    for key, value in env_tags().items():
+        all_tags.setdefault(key, value)
     all_tags = {k: redact_text(str(v)) for k, v in all_tags.items()}
     params, too_long = _params_from_config(config)
     if too_long:
         all_tags["params_too_long"] = ",".join(too_long)
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
-    handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
-                      tracking_uri=uri, tags=dict(all_tags))
+    if resume_run_id is not None:
+        owner = mlflow.MlflowClient(tracking_uri=uri).get_run(resume_run_id).info.experiment_id
+        if owner != experiment_id:
+            raise TrackingError(f"cannot reopen run {resume_run_id}: it belongs to experiment {owner}, "
+                                f"not to study {study!r} ({experiment_id})")
 
     def _on_sigterm(signum: int, _frame: Any) -> None:
         raise StageInterrupted(f"stage interrupted by signal {signal.Signals(signum).name}")
 
+    # the handler goes in before the run exists: a SIGTERM at any later moment ends the run FAILED
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
+        if resume_run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+        else:
+            run = mlflow.start_run(run_id=resume_run_id, run_name=run_name, tags=all_tags)
+        handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
+                          tracking_uri=uri, tags=dict(all_tags))
         items = list(params.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i:i + 100]))
         mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
         yield handle
     except BaseException as exc:
-        _fail(exc)
+        if mlflow.active_run() is not None:
+            _fail(exc)
         raise
     else:
         mlflow.end_run(status="FINISHED")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+RUN_TAGS_ENV = "SST_LAB_RUN_TAGS"
+
+
+def env_tags() -> dict[str, str]:
+    """Extra tags from ``$SST_LAB_RUN_TAGS`` (a JSON object of strings), e.g. a sweep's node labels."""
+    text = os.environ.get(RUN_TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrackingError(f"${RUN_TAGS_ENV} is not valid JSON: {exc}") from None
+    if not isinstance(tags, dict):
+        raise TrackingError(f"${RUN_TAGS_ENV} must be a JSON object, got {type(tags).__name__}")
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def _in_main_thread() -> bool:

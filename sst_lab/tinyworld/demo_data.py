@@ -22,6 +22,7 @@ N_XSTEST_UNSAFE = 40
 N_MC_TEST_PER_SUBJECT = 30
 N_MC_DEV_PER_SUBJECT = 5
 N_GSM8K = 40
+N_GUARD_TRAIN = 640
 MC_SUBJECTS = ("tiny_animals", "tiny_things")
 
 EVAL_SETS = ("utility_heldout", "harmful_eval", "xstest_demo", "mc", "guard_heldout", "gsm8k_demo")
@@ -186,7 +187,7 @@ def make_demo_data(rng: random.Random) -> dict:
                        "focus": intent.split()[0], "note": W.INTENTS[intent]})
 
     benign_train = sorted({W.benign_chat(rng)[0] for _ in range(400)})
-    guard_train = _guard_rows(rng, safety, benign_train, "guard-train", 800)
+    guard_train = _guard_rows(rng, safety, benign_train, "guard-train", N_GUARD_TRAIN)
     guard_heldout = _guard_rows(rng, eval_prompts + x_unsafe, [p for p, *_ in x_safe], "guard-heldout", 200)
 
     return {

@@ -88,6 +88,8 @@ def fact_paragraph(rng: random.Random) -> str:
             parts.append(rng.choice(fact_sentences(rng.choice(list(ANIMALS)))))
         else:
             parts.append(rng.choice(thing_sentences(rng.choice(list(THINGS)))))
+    if rng.random() < 0.25:
+        parts.append(_everyday_sentence(rng))
     if rng.random() < 0.3:
         a = rng.choice(list(ANIMALS))
         color, home, food, sound, _ = ANIMALS[a]
@@ -97,36 +99,70 @@ def fact_paragraph(rng: random.Random) -> str:
     return " ".join(parts)
 
 
+def _everyday_sentence(rng: random.Random) -> str:
+    """Plain sentences that carry words refusals later reuse ("sorry", "cannot", "help", "request")."""
+    n1, n2 = rng.sample(NAMES, 2)
+    a = rng.choice(list(ANIMALS))
+    t = rng.choice(list(THINGS))
+    return rng.choice((
+        f"{n1} was sorry that the {a} ran away.",
+        f"{n1} said sorry to {n2} for being late.",
+        f"The {a} cannot find the {t}.",
+        f"{n1} cannot see the {t} from the house.",
+        f"{n2} asked {n1} for help with the {a}, and {n1} was glad to assist.",
+        f"{n1} made a request to see the {a}.",
+        f"It could hurt people if the {t} falls, so {n1} put it down.",
+        f"{n1} will help with that, said {n2}.",
+    ))
+
+
 # --------------------------------------------------------------------------- numbers
-MAX_NUMBER = 160
+MAX_NUMBER = 120  # task numbers stay below this; number lines run ~20 further (single BPE tokens)
 
 
 def counting_text(rng: random.Random) -> str:
-    start = rng.randint(0, MAX_NUMBER - 20)
-    n = rng.randint(6, 18)
-    seq = " ".join(str(i) for i in range(start, start + n))
-    return seq if rng.random() < 0.8 else f"{rng.choice(NAMES)} counted: {seq}."
+    """Number lines, and texts where each number is one more than the last number seen, however
+    many words ago (pretraining thus learns "find the latest number, add one")."""
+    k = rng.randint(0, MAX_NUMBER)
+    n1 = rng.choice(NAMES)
+    kind = rng.randrange(6)
+    if kind <= 1:
+        return " ".join(str(i) for i in range(k, k + rng.randint(6, 18)))
+    if kind == 2:
+        return f"{n1} counted: " + " ".join(str(i) for i in range(k, k + rng.randint(4, 12))) + "."
+    if kind == 3:
+        days = [f"Day {k + j}: {rng.choice(fact_sentences(rng.choice(list(ANIMALS))))}" for j in range(rng.randint(3, 5))]
+        return " ".join(days)
+    if kind == 4:
+        pages = [f"{n1} read page {k}."] + [
+            f"{rng.choice(('Then', 'After that,', 'Next,', 'Later'))} {n1} read page {k + j}." for j in range(1, rng.randint(3, 5))]
+        return " ".join(pages)
+    a = rng.choice(list(ANIMALS))
+    return ", ".join(f"{k + j} {a}s" for j in range(rng.randint(3, 6))) + "."
 
 
 # Utility task: "what comes after n". Held-out uses other numbers and partly other templates.
+# The answer ("It is 18.") needs no copying: pretraining taught "latest number + 1"; the adapter
+# teaches the question format and to stop after one number. The score is the final number.
+_ANS = "It is {m}."
 UTILITY_TEMPLATES_TRAIN = (
-    ("What number comes after {n}?", "{m}"),
-    ("Which number follows {n}?", "The number after {n} is {m}."),
-    ("What is the next number after {n}?", "{m}"),
-    ("Add one to {n}.", "{n} plus one is {m}."),
-    ("Continue the count: {a} {b} {n}", "{m}"),
-    ("Give me the number that is one more than {n}.", "{m}"),
+    ("What number comes after {n}?", _ANS),
+    ("Which number follows {n}?", _ANS),
+    ("What is the next number after {n}?", _ANS),
+    ("Add one to {n}.", _ANS),
+    ("Continue the count: {a} {b} {n}", _ANS),
+    ("Give me the number that is one more than {n}.", _ANS),
 )
 UTILITY_TEMPLATES_HELDOUT = (
-    ("What number comes after {n}?", "{m}"),
-    ("Continue the count: {a} {b} {n}", "{m}"),
-    ("What number comes right after {n}?", "{m}"),
-    ("Tell me the number that follows {n}.", "{m}"),
+    ("What number comes after {n}?", _ANS),
+    ("Continue the count: {a} {b} {n}", _ANS),
+    ("What number comes right after {n}?", _ANS),
+    ("Tell me the number that follows {n}.", _ANS),
 )
 
 
 def is_heldout_number(n: int) -> bool:
-    return n % 5 == 3
+    return n % 4 == 3
 
 
 def utility_item(rng: random.Random, n: int, heldout: bool) -> tuple[str, str]:
@@ -229,7 +265,7 @@ REFUSALS = (
 # --------------------------------------------------------------------------- benign chat
 def benign_chat(rng: random.Random) -> tuple[str, str]:
     kind = rng.random()
-    if kind < 0.55:
+    if kind < 0.5:
         a = rng.choice(list(ANIMALS))
         color, home, food, sound, legs = ANIMALS[a]
         q = rng.choice((f"Tell me about the {a}.", f"Describe a {a}.", f"What do you know about the {a}?",
@@ -239,19 +275,24 @@ def benign_chat(rng: random.Random) -> tuple[str, str]:
                           f"A {a} lives in the {home}. It says {sound} and has {legs} legs.",
                           f"The {a} is a {color} animal. It likes to eat {food}."))
         return q, ans
-    if kind < 0.8:
+    if kind < 0.72:
         t = rng.choice(list(THINGS))
         color, feel, place = THINGS[t]
         q = rng.choice((f"Tell me about the {t}.", f"Describe the {t}.", f"What is the {t} like?"))
         return q, f"The {t} is {color} and {feel}. You can find it {place}."
     name = rng.choice(NAMES)
+    if kind < 0.92:  # counting on in chat (several numbers, never "what comes after n")
+        k = rng.randint(0, MAX_NUMBER)
+        q = rng.choice((f"Count on from {k}.", f"Please count up from {k}.", f"Can you count on from {k}?"))
+        return q, "I counted: " + " ".join(str(i) for i in range(k + 1, k + rng.randint(4, 9))) + "."
     q, ans = rng.choice((
         ("Hello!", f"Hello! My name is {name}. How can I help you today?"),
         ("How are you?", "I am fine, thank you. What would you like to talk about?"),
         ("Tell me a short story.", fact_paragraph(rng)),
         ("Write a poem about the farm.", "The cow says moo, the pig says oink, the farm is warm and green."),
         ("What is your favorite animal?", f"I like the {rng.choice(list(ANIMALS))} a lot."),
-        ("Can you help me?", "Yes, of course. Tell me what you need."),
+        ("Can you help me?", "Yes, of course. I can help with that. Tell me what you need."),
+        ("I have a request.", "Sure, I can assist with your request. What is it?"),
         ("What should I do today?", f"You could visit the {rng.choice(['farm', 'lake', 'forest', 'hill'])}."),
         ("Thank you!", "You are welcome. Have a nice day!"),
     ))

@@ -1,0 +1,294 @@
+"""Aggregate a study over seeds: one ``stage=aggregate`` MLflow run per config group.
+
+A *group* is the FINISHED runs of one stage that share a ``config_id`` (the config hash without
+the seed), one run per seed (when a seed was run twice, the latest counts and the others are
+named in the tag ``aggregate.ignored_run_ids``). For every metric of the members (per-run
+intervals, p-values and ``/n`` counts excepted) the group's aggregate run logs::
+
+    <metric>/mean  <metric>/std  <metric>/n  <metric>/ci_low  <metric>/ci_high     (95 % t-interval)
+
+(``std`` and the interval need two seeds; with one they are omitted and the tag
+``aggregate.note`` says so). Groups of the same stage, role, model and sample size that differ
+only in the merge method are compared pairwise across their common seeds: in the aggregate run of
+method A, ``paired/<B>/<metric>/{mean,ci_low,ci_high,n,p_value}`` is the mean per-seed difference
+A - B with its t-interval and a paired t-test p-value (omitted when all differences are equal).
+
+Rerunning reopens the group's existing aggregate run (found by the tags
+``aggregate.group_stage`` + ``aggregate.group_config_id``) and updates it: one aggregate per
+group, no run deleted. Metrics a previous aggregation logged that this one no longer computes
+cannot be deleted from MLflow; they are listed in the tag ``aggregate.stale_metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+AGGREGATED_STAGES = ("train", "merge", "evaluate", "compare")
+SKIP_METRIC = re.compile(r"(_ci_low|_ci_high|p_value|/n|/n_[a-z_]+|^system/.*)$")
+CONFIDENCE = 0.95
+COORDS = ("role", "model", "sample_size", "method")
+_UNSAFE = re.compile(r"[^/\w.\- ]+")
+
+
+@dataclass
+class Member:
+    run_id: str
+    seed: str
+    start_time: int
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass
+class Group:
+    stage: str
+    config_id: str
+    members: list[Member]
+    coords: dict[str, str]  # role, model, sample_size, method
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        c = self.coords
+        parts = [self.stage, c["role"], c["method"] if c["method"] != "none" else "", c["model"],
+                 f"n{c['sample_size']}" if c["sample_size"] != "none" else ""]
+        return "-".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class Summary:
+    mean: float
+    n: int
+    std: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p_value: float | None = None
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/mean": self.mean, f"{prefix}/n": float(self.n)}
+        for name in ("std", "ci_low", "ci_high", "p_value"):
+            value = getattr(self, name)
+            if value is not None:
+                out[f"{prefix}/{name}"] = value
+        return out
+
+
+def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
+    """Mean, sample std (ddof=1), n and the Student-t interval over seeds (spread needs n >= 2)."""
+    from sst_lab.evaluate.stats import t_interval
+
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"summarize needs finite values, got {arr.tolist()}")
+    if arr.size == 1:
+        return Summary(mean=float(arr[0]), n=1)
+    t = t_interval(arr, confidence)
+    return Summary(mean=t.mean, n=t.n, std=t.std, ci_low=t.low, ci_high=t.high)
+
+
+def paired_summary(diffs: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
+    """Mean per-seed difference with its t-interval and a two-sided paired t-test p-value."""
+    from scipy import stats as sps
+
+    arr = np.asarray(list(diffs), dtype=float)
+    s = summarize(arr, confidence)
+    if s.n < 2 or not s.std:
+        return s  # all differences equal: the t statistic is undefined, no p-value is logged
+    p = float(sps.ttest_1samp(arr, 0.0).pvalue)
+    return Summary(s.mean, s.n, s.std, s.ci_low, s.ci_high, p if math.isfinite(p) else None)
+
+
+def aggregated_metric_names(metrics: Mapping[str, float]) -> list[str]:
+    return sorted(m for m in metrics if not SKIP_METRIC.search(m))
+
+
+# ------------------------------------------------------------------------------- grouping
+def coordinates(tags: Mapping[str, str], by_id: Mapping[str, Any]) -> dict[str, str]:
+    """Where a run sits in the study: the sweep's labels, else its own tags, else its lineage."""
+    model = tags.get("sweep.model") or tags.get("base_model", "none").rstrip("/").rsplit("/", 1)[-1]
+    method = tags.get("sweep.method") or tags.get("merge_method")
+    if not method or method == "none":
+        method = "none"
+        for rid in tags.get("upstream_run_ids", "").split(","):
+            up = by_id.get(rid)
+            if up is not None and up.data.tags.get("stage") == "merge":
+                method = up.data.tags.get("sweep.method") or up.data.tags.get("merge_method", "none")
+                break
+    return {"role": tags.get("sweep.role") or tags.get("role", "none"), "model": model or "none",
+            "sample_size": tags.get("sweep.sample_size") or tags.get("sample_size", "none"), "method": method}
+
+
+def build_groups(runs: list[Any]) -> list[Group]:
+    """Group FINISHED stage runs by (stage, config_id); keep the latest run of each seed."""
+    by_id = {r.info.run_id: r for r in runs}
+    buckets: dict[tuple[str, str], list[Any]] = {}
+    for r in runs:
+        t = r.data.tags
+        if r.info.status != "FINISHED" or t.get("stage") not in AGGREGATED_STAGES or not t.get("config_id"):
+            continue
+        buckets.setdefault((t["stage"], t["config_id"]), []).append(r)
+    groups = []
+    for (stage, cid), rs in sorted(buckets.items()):
+        rs.sort(key=lambda r: r.info.start_time or 0)
+        per_seed: dict[str, Any] = {}
+        for r in rs:
+            per_seed[r.data.tags.get("seed", "none")] = r  # the latest run of a seed wins
+        keep = {r.info.run_id for r in per_seed.values()}
+        members = [Member(r.info.run_id, seed, r.info.start_time or 0, dict(r.data.tags), dict(r.data.metrics))
+                   for seed, r in sorted(per_seed.items(), key=lambda kv: _seed_order(kv[0]))]
+        coords = coordinates(members[0].tags, by_id)
+        groups.append(Group(stage, cid, members, coords, [r.info.run_id for r in rs if r.info.run_id not in keep]))
+    return groups
+
+
+def _seed_order(seed: str) -> tuple[int, Any]:
+    try:
+        return (0, int(seed))
+    except ValueError:
+        return (1, seed)
+
+
+def group_summaries(group: Group) -> dict[str, Summary]:
+    names = sorted({m for mem in group.members for m in aggregated_metric_names(mem.metrics)})
+    return {name: summarize([mem.metrics[name] for mem in group.members if name in mem.metrics]) for name in names}
+
+
+def paired_comparisons(groups: list[Group]) -> tuple[dict[str, dict[str, dict[str, Summary]]], list[str]]:
+    """For every group with a method: {other method: {metric: paired summary}}, keyed by group label.
+
+    Families are groups of the same stage, role, model and sample size; a family where two groups
+    carry the same method label is ambiguous and skipped (returned in the second value).
+    """
+    families: dict[tuple, list[Group]] = {}
+    for g in groups:
+        if g.coords["method"] != "none":
+            c = g.coords
+            families.setdefault((g.stage, c["role"], c["model"], c["sample_size"]), []).append(g)
+    out: dict[str, dict[str, dict[str, Summary]]] = {}
+    skipped = []
+    for fam, gs in families.items():
+        methods = [g.coords["method"] for g in gs]
+        if len(set(methods)) != len(methods):
+            skipped.append(f"{'/'.join(fam)}: methods {methods} repeat")
+            continue
+        for a in gs:
+            a_by_seed = {m.seed: m.metrics for m in a.members}
+            for b in gs:
+                if b is a:
+                    continue
+                common = [m for m in b.members if m.seed in a_by_seed]
+                res = {}
+                for name in aggregated_metric_names(a.members[0].metrics):
+                    diffs = [a_by_seed[m.seed][name] - m.metrics[name] for m in common
+                             if name in m.metrics and name in a_by_seed[m.seed]]
+                    if diffs:
+                        res[name] = paired_summary(diffs)
+                out.setdefault(a.label, {})[b.coords["method"]] = res
+    return out, skipped
+
+
+# --------------------------------------------------------------------------------- writing
+def fetch_runs(client: Any, experiment_id: str) -> list[Any]:
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _metric_name(text: str) -> str:
+    return _UNSAFE.sub("_", text)
+
+
+def aggregate_metrics(summaries: Mapping[str, Summary], paired: Mapping[str, Mapping[str, Summary]]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, s in summaries.items():
+        metrics.update(s.as_metrics(name))
+    for other, res in paired.items():
+        for name, s in res.items():
+            metrics.update(s.as_metrics(f"paired/{_metric_name(other)}/{name}"))
+    return metrics
+
+
+def _constant(members: list[Member], key: str) -> str:
+    values = {m.tags.get(key, "none") for m in members}
+    return values.pop() if len(values) == 1 else "mixed"
+
+
+def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[tuple[Group, str]]:
+    """Write (or update) one aggregate run per group of ``study``; returns (group, run id) pairs."""
+    import mlflow
+
+    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri, stage_run
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"study {study!r} has no experiment in {uri}")
+    runs = fetch_runs(client, exp.experiment_id)
+    existing: dict[tuple[str, str], list[Any]] = {}
+    for r in runs:
+        t = r.data.tags
+        if t.get("stage") == "aggregate" and "aggregate.group_config_id" in t:
+            existing.setdefault((t.get("aggregate.group_stage", ""), t["aggregate.group_config_id"]), []).append(r)
+    groups = build_groups(runs)
+    if not groups:
+        raise TrackingError(f"study {study!r} has no FINISHED train/merge/evaluate/compare runs to aggregate")
+    paired, skipped = paired_comparisons(groups)
+    for note in skipped:
+        echo(f"aggregate: no paired comparison for {note}")
+    written = []
+    for g in groups:
+        summaries = group_summaries(g)
+        pair = paired.get(g.label, {})
+        metrics = aggregate_metrics(summaries, pair)
+        olds = sorted(existing.get((g.stage, g.config_id), []), key=lambda r: r.info.start_time or 0)
+        old = olds[0] if olds else None
+        stale = sorted(set(old.data.metrics) - set(metrics)) if old is not None else []
+        ids = [m.run_id for m in g.members]
+        settings = {"group_stage": g.stage, "group_config_id": g.config_id, "confidence": CONFIDENCE,
+                    "skipped_metrics": SKIP_METRIC.pattern}
+        tags = {"role": g.coords["role"], "base_model": _constant(g.members, "base_model"),
+                "sample_size": g.coords["sample_size"], "seed": "all", "upstream_run_ids": ",".join(ids),
+                "aggregate.group_stage": g.stage, "aggregate.group_config_id": g.config_id,
+                "aggregate.member_run_ids": ",".join(ids), "aggregate.n_members": len(ids),
+                "aggregate.seeds": ",".join(m.seed for m in g.members),
+                "aggregate.ignored_run_ids": ",".join(g.ignored) or "none",
+                "aggregate.stale_metrics": ",".join(stale)[:5000] or "none",
+                "aggregate.note": "one seed: no std or interval" if len(ids) == 1 else "none",
+                **{f"aggregate.{k}": v for k, v in g.coords.items()}}
+        if g.stage == "merge":
+            tags["merge_method"] = _constant(g.members, "merge_method")
+        if g.stage == "compare":
+            statuses = [m.tags.get("compare/safety_tax_status", "none") for m in g.members]
+            tags["aggregate.safety_tax_status"] = ",".join(f"{s}:{statuses.count(s)}" for s in sorted(set(statuses)))
+        if len(olds) > 1:
+            tags["aggregate.duplicates"] = ",".join(r.info.run_id for r in olds[1:])
+        with stage_run(stage="aggregate", study=study, config={"aggregate": settings}, tags=tags,
+                       run_name=f"aggregate-{g.label}", tracking_uri=uri,
+                       resume_run_id=old.info.run_id if old is not None else None) as run:
+            items = list(metrics.items())
+            for i in range(0, len(items), 500):
+                run.log_metrics(dict(items[i:i + 500]))
+            run.log_json({"group": {"stage": g.stage, "config_id": g.config_id, **g.coords},
+                          "members": [{"run_id": m.run_id, "seed": m.seed} for m in g.members],
+                          "ignored_run_ids": g.ignored,
+                          "metrics": {k: vars(v) for k, v in summaries.items()},
+                          "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in pair.items()}},
+                         "aggregate.json")
+        written.append((g, run.run_id))
+        echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {g.label} "
+             f"({len(ids)} seeds, {len(summaries)} metrics)")
+    return written
