@@ -142,8 +142,9 @@ def training_records(adapter: Any, tracking_uri: str | None, work: Path) -> list
     out = []
     own = Path(adapter.path) / "training_items.json"
     if own.is_file():
-        out.append((f"adapter {adapter.ref}", json.loads(own.read_text())))
-    ids = lineage_ids(adapter)
+        where = (f"{adapter.tags.get('stage')} run {adapter.run_id}" if adapter.run_id else f"adapter {adapter.ref}")
+        out.append((f"{where}, adapter/training_items.json", json.loads(own.read_text())))
+    ids = [i for i in lineage_ids(adapter) if not (own.is_file() and i == adapter.run_id)]
     if ids:
         import mlflow
 

@@ -288,7 +288,7 @@ def sst(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
     M, metric_kept = project_core(gevp, k, r)
     delta = module.utility.delta(torch.float64) + params.alpha * core_delta(module.safety, M)
     return MethodResult(delta, {
-        "k": k, "eps": gevp.eps, "top_eigenvalues": gevp.eigenvalues[:8].tolist(),
+        "k": k, "eps": gevp.eps, "eigenvalues": gevp.eigenvalues.tolist(),
         "kept_fraction": update_kept_fraction(module.safety, M), "metric_kept_fraction": metric_kept,
     })
 
@@ -321,5 +321,6 @@ def sst_diag(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
     delta = module.utility.delta(torch.float64) + params.alpha * core_delta(module.safety, M)
     return MethodResult(delta, {
         "k": k, "eps": eps, "top_ratios": torch.sort(ratio, descending=True).values[:8].tolist(),
-        "kept_fraction": update_kept_fraction(module.safety, M), "diagonal_entries_kept": int(mask.reshape(r, r).diagonal().sum()),
+        "kept_fraction": update_kept_fraction(module.safety, M),
+        "diagonal_entries_kept": int(mask.reshape(r, r).diagonal().sum()),
     })

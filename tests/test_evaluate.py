@@ -4,6 +4,7 @@ comparison, and the stage end to end on the tiny world, read back from MLflow.""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,7 +336,7 @@ def _expect_failed_run(store, study, needle, *args):
     with pytest.raises(Exception, match=needle):
         evaluate_in_process("--study", study, "--tracking_uri", store, "--preset", "minimal", *args)
     run = _last_run(store, study)
-    assert run.info.status == "FAILED" and needle.split(".*")[0] in run.data.tags["error"]
+    assert run.info.status == "FAILED" and re.search(needle, run.data.tags["error"])
     assert not [k for k in run.data.metrics if k.startswith(("safety/", "utility/", "overrefusal/"))]
     return run
 
@@ -344,8 +345,10 @@ def test_bad_inputs_fail_the_run_naming_the_culprit(trained, store, world, tmp_p
     missing = _write_suite(tmp_path, name="lost", kind="safety", max_new_tokens=4, judges=["refusal_keyword"],
                            data={"path": str(tmp_path / "lost.csv"), "format": "advbench"})
     _expect_failed_run(store, "tests-eval-bad", "suite lost.*lost.csv", "--suites", "task-demo", missing)
-    _expect_failed_run(store, "tests-eval-bad", "guard_model 'no/such-guard'", "--suites", "harmful-demo",
-                       "--guard_model", "no/such-guard")
+    broken = tmp_path / "broken-guard"
+    broken.mkdir()
+    _expect_failed_run(store, "tests-eval-bad", "guard_model .*broken-guard", "--suites", "harmful-demo",
+                       "--guard_model", str(broken))
     # an adapter trained on the tiny world loaded onto another base model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -361,4 +364,4 @@ def test_bad_inputs_fail_the_run_naming_the_culprit(trained, store, world, tmp_p
                         data={"path": str(world.utility_train), "format": "alpaca"})
     run = _expect_failed_run(store, "tests-eval-bad", "suite leak.*were trained on", "--suites", leak,
                              "--adapter", trained.utility_run)
-    assert "utility-train-" in run.data.tags["error"]
+    assert "utility-train-" in run.data.tags["error"] and trained.utility_run in run.data.tags["error"]

@@ -62,13 +62,14 @@ FAKE_STAGE = textwrap.dedent('''
     node = json.loads(os.environ.get("SST_LAB_RUN_TAGS", "{}")).get("sweep.node", "")
     seed = int(cfg["seed"])
     role = {"train": cfg.get("role", "utility"), "merge": "merged", "compare": "compare"}.get(stage, "x")
+    extra = {"merge_method": cfg["method"]} if stage == "merge" else {}
     with stage_run(stage=stage, study=cfg["study"], config={"fake": cfg}, config_for_id={"fake": for_id},
-                   tags={"role": role, "seed": seed, "upstream_run_ids": ",".join(ups) or "none"},
+                   tags={"role": role, "seed": seed, "upstream_run_ids": ",".join(ups) or "none", **extra},
                    run_name=node or stage) as run:
         time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
         if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in node:
             raise RuntimeError("fake failure of " + node)
-        h = lambda s: int(hashlib.sha256((s + run.tags["config_id"]).encode()).hexdigest()[:8], 16) / 16**8
+        h = lambda s: int(hashlib.sha256(f"{s}{run.tags['config_id']}{seed}".encode()).hexdigest()[:8], 16) / 16**8
         if stage == "evaluate":
             run.log_metrics({"safety/harm/refusal_rate": h("s") * 0.5 + 0.05 * seed,
                              "safety/harm/refusal_rate_ci_low": 0.0, "safety/harm/n": 50,
@@ -106,7 +107,7 @@ def fake_study(fakes, path: Path, *, name: str, sizes=(16,), seeds=(1, 2), metho
             "sample_sizes": list(sizes), "seeds": list(seeds),
             "train": {"utility": [str(d / "utility.yaml")], "safety": [str(d / "safety.yaml")],
                       "accelerate_config": None},
-            "merge": {"methods": [{"name": m, "method": "linear", "args": {"k": i}} for i, m in enumerate(methods)]},
+            "merge": {"methods": [{"name": m, "method": "sst", "args": {"k": i}} for i, m in enumerate(methods)]},
             "evaluate": {"args": {"preset": "minimal"}}, "compare": {"args": {"n_boot": 10}},
             "report": {"safety_metric": "safety/harm/refusal_rate"}, **extra}
     path.write_text(yaml.safe_dump(data))
@@ -272,7 +273,7 @@ def test_sweep_runs_everything_then_reuses_everything(fake_sweep):
     merge = by_node["merge-a-fake-n16-s2"]
     ups = {by_node["train-utility-fake-n16-s2"].info.run_id, by_node["train-safety-fake-n16-s2"].info.run_id}
     assert set(merge.data.tags["upstream_run_ids"].split(",")) == ups  # wired by run id
-    assert merge.data.params["fake.method"] == "linear" and merge.data.params["fake.k"] == "0"
+    assert merge.data.params["fake.method"] == "sst" and merge.data.params["fake.k"] == "0"
     # seeds of one node share the stage's config_id (what aggregation groups by)
     assert by_node["merge-a-fake-n16-s1"].data.tags["config_id"] == merge.data.tags["config_id"]
     # parallel: some stage runs overlapped in time
@@ -443,7 +444,7 @@ def test_report_renders_and_matches_the_aggregates(fake_sweep, tmp_path):
     check_report(uri, "fake", tmp_path / "report", proc.stdout)
 
 
-def check_report(uri: str, study: str, folder: Path, stdout: str) -> None:
+def check_report(uri: str, study: str, folder: Path, stdout: str, require_tax: bool = True) -> None:
     html_text = (folder / "report.html").read_text()
     for name in ("pareto", "safety_tax", "metrics_vs_sample_size", "sst_eigen_spectra"):
         png = (folder / f"{name}.png").read_bytes()
@@ -452,7 +453,8 @@ def check_report(uri: str, study: str, folder: Path, stdout: str) -> None:
     table = json.loads((folder / "report_table.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=uri)
     filled = [c for c in table["cells"] if c["mean"] is not None]
-    assert filled and {c["column"] for c in filled} == {"safety", "overrefusal", "utility", "tax"}
+    columns = {"safety", "overrefusal", "utility"} | ({"tax"} if require_tax else set())
+    assert filled and columns <= {c["column"] for c in filled}
     for c in filled:
         agg = client.get_run(c["aggregate_run_id"])
         assert agg.data.tags["stage"] == "aggregate"
@@ -466,3 +468,79 @@ def check_report(uri: str, study: str, folder: Path, stdout: str) -> None:
     assert report_run.data.tags["stage"] == "report" and report_run.info.status == "FINISHED"
     names = {f.path for f in client.list_artifacts(run_id, "report")}
     assert {"report/report.html", "report/pareto.png", "report/report_table.json"} <= names
+
+
+# ------------------------------------------------------------ the tiny world, real stages
+@pytest.fixture(scope="module")
+def tiny_world_study(world, tmp_path_factory):
+    """configs/studies/tiny.yaml's grid (2 sizes x 2 seeds x 2 methods, 46 stage runs) with the real
+    stages, cheaper settings; killed half-way, resumed to the end, then swept a third time."""
+    d = tmp_path_factory.mktemp("tiny_study")
+    uri, name = f"sqlite:///{d}/mlflow.db", "tiny-e2e"
+    data = yaml.safe_load((REPO / "configs/studies/tiny.yaml").read_text())
+    data["name"] = name
+    data["train"]["args"] = {"max_steps": 4}
+    data["evaluate"]["args"]["minimal_n"] = 12
+    data["compare"]["args"]["n_boot"] = 500
+    study = d / "tiny.yaml"
+    study.write_text(yaml.safe_dump(data))
+    ensure_experiment(uri, name)
+    cmd = [sys.executable, "tracking/sweep.py", "--config", str(study), "--tracking_uri", uri, "--workers", "2",
+           "--output_root", str(d / "outputs")]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    while True:  # kill it once four stages finished and one is running
+        time.sleep(2)
+        statuses = [r.info.status for r in study_runs(uri, name)]
+        if statuses.count("FINISHED") >= 4 and "RUNNING" in statuses:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    killed_out, _ = proc.communicate()
+    after_kill = study_runs(uri, name)
+    resumed = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    n_runs = len(study_runs(uri, name))
+    again = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True)
+    return {"uri": uri, "name": name, "study": study, "dir": d, "killed_rc": proc.returncode, "killed_out": killed_out,
+            "after_kill": after_kill, "resumed": resumed, "again": again, "n_runs_before_again": n_runs,
+            "seconds": seconds}
+
+
+def test_tiny_world_study_killed_resumed_and_reused(tiny_world_study):
+    t = tiny_world_study
+    assert t["killed_rc"] == 128 + signal.SIGTERM, t["killed_out"]
+    assert "RUNNING" not in {r.info.status for r in t["after_kill"]}
+    assert t["resumed"].returncode == 0, t["resumed"].stdout + t["resumed"].stderr
+    assert t["again"].returncode == 0 and "46 reused" in t["again"].stdout, t["again"].stdout
+    runs = study_runs(t["uri"], t["name"])
+    assert len(runs) == t["n_runs_before_again"]  # the third sweep started nothing
+    per_node = finished_per_node(runs)
+    assert len(per_node) == 46 and set(per_node.values()) == {1}  # no duplicate runs
+    stages = [r.data.tags["stage"] for r in runs if r.info.status == "FINISHED"]
+    assert {s: stages.count(s) for s in st.PIPELINE} == {"train": 8, "merge": 8, "evaluate": 18, "compare": 12}
+    by_node = {r.data.tags["sweep.node"]: r for r in runs if r.info.status == "FINISHED"}
+    ev = by_node["evaluate-merged-sst-k16-tiny-world-n96-s2"]
+    lineage = ev.data.tags["upstream_run_ids"].split(",")
+    assert lineage[0] == by_node["merge-sst-k16-tiny-world-n96-s2"].info.run_id
+    assert by_node["train-safety-tiny-world-n96-s2"].info.run_id in lineage
+    cmp_ = by_node["compare-merged-ties-d0.5-vs-utility-tiny-world-n48-s1"]
+    assert "compare/safety_gain" in cmp_.data.metrics and cmp_.data.tags["compare/safety_tax_status"]
+    print(f"tiny-world study: killed + resumed to the end in {t['seconds']:.0f} s")
+
+
+def test_tiny_world_aggregate_and_report(tiny_world_study, tmp_path):
+    t = tiny_world_study
+    for _ in range(2):  # the second aggregation updates the same runs
+        proc = subprocess.run([sys.executable, "tracking/aggregate.py", "--study", t["name"], "--tracking_uri", t["uri"]],
+                              cwd=REPO, env=stage_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    aggs = check_aggregates(t["uri"], t["name"])
+    groups = [(r.data.tags["aggregate.group_stage"], r.data.tags["aggregate.group_config_id"]) for r in aggs]
+    assert len(groups) == len(set(groups)) == 23  # 46 runs in pairs of seeds
+    proc = subprocess.run([sys.executable, "tracking/report.py", "--study", t["name"], "--tracking_uri", t["uri"],
+                           "--config", str(t["study"]), "--output_dir", str(tmp_path / "report")],
+                          cwd=REPO, env=stage_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    check_report(t["uri"], t["name"], tmp_path / "report", proc.stdout, require_tax=False)

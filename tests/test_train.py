@@ -62,12 +62,19 @@ def test_sample_size_draws_a_seeded_subset(world, store, tmp_path):
     assert len(a) == len(b) == 32 and a != b
 
 
-def _bad(store, tmp_path, *extra):
-    proc = run_stage(["train/sft.py", "--config", "configs/models/tiny.yaml", "--study", "tests-bad",
-                      "--tracking_uri", store, "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *extra],
-                     check=False)
-    assert proc.returncode != 0
-    return proc.stderr
+def _bad(store, tmp_path, *extra, subprocess=False):
+    """Run the stage with bad input; return the error text (stderr of a child, or the exception)."""
+    argv = ["--config", "configs/models/tiny.yaml", "--study", "tests-bad", "--tracking_uri", store,
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *extra]
+    if subprocess:
+        proc = run_stage(["train/sft.py", *argv], check=False)
+        assert proc.returncode != 0
+        return proc.stderr
+    from sst_lab.train.sft import main
+
+    with pytest.raises(Exception) as info:
+        main(argv)
+    return str(info.value)
 
 
 def _last_run(store, study):
@@ -79,7 +86,7 @@ def _last_run(store, study):
 def test_malformed_dataset_fails_clearly_and_marks_run_failed(world, store, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "hi"}) + "\n")
-    err = _bad(store, tmp_path, "--dataset_name", str(bad), "--dataset_format", "alpaca")
+    err = _bad(store, tmp_path, "--dataset_name", str(bad), "--dataset_format", "alpaca", subprocess=True)
     assert "bad.jsonl" in err and "output" in err
     run = _last_run(store, "tests-bad")
     assert run.info.status == "FAILED" and "output" in run.data.tags["error"]

@@ -3,7 +3,7 @@
 A *group* is the FINISHED runs of one stage that share a ``config_id`` (the config hash without
 the seed), one run per seed (when a seed was run twice, the latest counts and the others are
 named in the tag ``aggregate.ignored_run_ids``). For every metric of the members (per-run
-intervals, p-values and ``/n`` counts excepted) the group's aggregate run logs::
+intervals, p-values, ``/n`` counts and per-module merge statistics excepted) the group's aggregate run logs::
 
     <metric>/mean  <metric>/std  <metric>/n  <metric>/ci_low  <metric>/ci_high     (95 % t-interval)
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 AGGREGATED_STAGES = ("train", "merge", "evaluate", "compare")
-SKIP_METRIC = re.compile(r"(_ci_low|_ci_high|p_value|/n|/n_[a-z_]+|^system/.*)$")
+SKIP_METRIC = re.compile(r"(_ci_low|_ci_high|p_value|/n|/n_[a-z_]+|^system/.*|^merge/module/.*)$")
 CONFIDENCE = 0.95
 COORDS = ("role", "model", "sample_size", "method")
 _UNSAFE = re.compile(r"[^/\w.\- ]+")

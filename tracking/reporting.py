@@ -292,6 +292,8 @@ def plot_vs_size(data: ReportData):
                     ax.fill_between(x, [p[1].ci_low for p in pts], [p[1].ci_high for p in pts], alpha=0.15)
             ax.set_title(f"{model}: {TITLES[col]}", fontsize=9)
             ax.set_xlabel("sample size")
+            if numeric and len(xs_all) > 1 and max(xs_all) >= 4 * min(xs_all) > 0:
+                ax.set_xscale("log")
             ax.set_ylabel(data.metrics[col], fontsize=7)
             ax.grid(alpha=0.3)
             if i == 0:

@@ -162,6 +162,8 @@ class Study:
         if bad:
             raise ConfigError(f"{self.source}: train.sample_size_roles: unknown roles {sorted(bad)}")
         if self.merge is not None:
+            if "method" in self.merge.args:
+                raise ConfigError(f"{self.source}: merge.args sets method; give each method in merge.methods")
             labels = [m.name for m in self.merge.methods]
             if not labels or len(set(labels)) != len(labels):
                 raise ConfigError(f"{self.source}: merge.methods need distinct names, got {labels}")

@@ -69,6 +69,9 @@ def main(argv=None) -> int:
             return 2
         print(f"slurm: {path}")
         return 0
+    if ctx.uri.startswith("sqlite:") and ctx.workers > 4:
+        print(f"sweep: warning: {ctx.workers} workers on a sqlite store; for many workers use an mlflow server "
+              "backed by PostgreSQL (tracking/README.md)", file=sys.stderr)
     print(st.describe_plan(plan, ctx).splitlines()[-1], flush=True)
     try:
         outcomes = st.execute(plan, ctx, store)

@@ -13,6 +13,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="where the world lives (default: $SST_LAB_CACHE/tinyworld or <repo>/.cache/tinyworld)")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete world exists")
     p.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="fraction of the training budgets, in (0, 1] (tests use 0.05; default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress log on stderr")
     return p
 
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from sst_lab.tinyworld.build import build_tiny_world
 
-    world = build_tiny_world(args.root, force=args.force, seed=args.seed, verbose=not args.quiet)
+    world = build_tiny_world(args.root, force=args.force, seed=args.seed, scale=args.scale, verbose=not args.quiet)
     for field in dataclasses.fields(world):
         print(f"{field.name}: {getattr(world, field.name)}")
     return 0

@@ -26,7 +26,7 @@ DEFAULT_SEED = 0
 _RECIPE_MODULES = ("world.py", "corpus.py", "demo_data.py", "modeling.py", "guard.py", "checks.py", "build.py")
 
 # pretraining / guard budgets (the build's run time is dominated by these)
-PRETRAIN_STEPS = 500
+PRETRAIN_STEPS = 300
 PRETRAIN_BATCH = 16
 PRETRAIN_SEQ_LEN = 128
 PRETRAIN_LR = 4e-3
@@ -123,7 +123,7 @@ def build_tiny_world(root: Path | None = None, *, force: bool = False, seed: int
             shutil.rmtree(stale, ignore_errors=True)  # left by a builder that died (we hold the lock)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
-            with _torch_threads(BUILD_THREADS):
+            with _torch_threads(BUILD_THREADS), _quiet_progress_bars():
                 _build_into(tmp, seed, scale, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
             _swap_into_place(tmp, root)
         finally:
@@ -153,6 +153,19 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _swap_into_place(tmp: Path, root: Path) -> None:
     old = None
     if root.exists():
@@ -170,7 +183,7 @@ def _build_into(out: Path, seed: int, scale: float, log) -> None:
     from sst_lab.tinyworld import corpus, demo_data, guard
     from sst_lab.tinyworld import modeling as M
 
-    t_start = time.time()
+    clock = _PhaseClock()
     rng = random.Random(seed)
     torch.manual_seed(seed)
 
@@ -179,42 +192,62 @@ def _build_into(out: Path, seed: int, scale: float, log) -> None:
     chat_plain = [" ".join(m["content"] for m in c) for c in chats]
     demo_data.check_no_contamination(rows, extra={"pretraining corpus": texts + chat_plain})
     demo_data.write_demo_data(rows, out / "data")
+    clock.lap("data")
 
-    # tokenizer: trained on the pretraining text plus the demo sets, so their words are merged
+    # tokenizer: trained on the pretraining text plus the demo sets, so their words are merged too
     demo_text = [json.dumps(r) for name in ("utility_train", "safety_train", "gsm8k_demo") for r in rows[name]]
     tok = M.train_tokenizer(texts + chat_plain + demo_text + [M.GUARD_PREAMBLE_SAMPLE] * 50)
-
-    rendered = tok.apply_chat_template(chats, tokenize=False)
     docs = [d + [tok.eos_token_id] for d in tok(texts)["input_ids"]]
-    docs += tok(rendered, add_special_tokens=False)["input_ids"]
+    docs += tok(tok.apply_chat_template(chats, tokenize=False), add_special_tokens=False)["input_ids"]
     random.Random(seed + 1).shuffle(docs)
     stream = torch.tensor([i for d in docs for i in d])
-    log(f"tokenizer vocab {len(tok)}; pretraining stream {len(stream)} tokens ({time.time() - t_start:.1f}s)")
+    clock.lap("tokenizer")
+    log(f"tokenizer vocab {len(tok)}; pretraining stream {len(stream)} tokens")
 
     cfg = M.model_config(len(tok))
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     model = LlamaForCausalLM(cfg)
-    pre = M.pretrain(model, stream, steps=max(1, int(PRETRAIN_STEPS * scale)), batch=PRETRAIN_BATCH, seq_len=PRETRAIN_SEQ_LEN,
-                     lr=PRETRAIN_LR, seed=seed, log=log)
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    pre = M.pretrain(model, stream, steps=max(1, round(PRETRAIN_STEPS * scale)), batch=PRETRAIN_BATCH,
+                     seq_len=PRETRAIN_SEQ_LEN, lr=PRETRAIN_LR, seed=seed, log=log)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
+    clock.lap("pretrain")
 
     base_metrics = _base_metrics(model, tok, rows)
+    clock.lap("base_check")
     log(f"base model: {base_metrics}")
 
-    guard_metrics = guard.build_guard(model, tok, rows, out / "guard", epochs=max(1, round(GUARD_EPOCHS * scale)),
-                                      batch=GUARD_BATCH, lr=GUARD_LR, seed=seed, log=log)
+    n_guard = max(GUARD_BATCH, round(len(rows["guard_train"]) * scale))
+    guard_metrics = guard.build_guard(model, tok, rows["guard_train"][:n_guard], rows["guard_heldout"], out / "guard",
+                                      epochs=GUARD_EPOCHS, batch=GUARD_BATCH, lr=GUARD_LR, seed=seed, log=log)
+    clock.lap("guard")
 
     info = {"recipe": recipe_hash(seed, scale), "recipe_version": RECIPE_VERSION, "seed": seed, "scale": scale,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.time() - t_start, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_threads": BUILD_THREADS,
+            "build_seconds": clock.total(), "phases": clock.phases,
             "vocab_size": len(tok), "n_parameters": sum(p.numel() for p in model.parameters()),
             "pretrain": pre, "base": base_metrics, "guard": guard_metrics,
             "refusal_rule": "response contains \"I'm sorry\" or \"I cannot\" (case-insensitive)"}
     (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # written LAST
-    log(f"tiny world built in {info['build_seconds']}s")
+    log(f"tiny world built in {info['build_seconds']['wall']}s wall, {info['build_seconds']['cpu']}s cpu")
+
+
+class _PhaseClock:
+    """Wall and process-CPU seconds per build phase (CPU time ~ wall time on an idle machine)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.t = (time.perf_counter(), time.process_time())
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.phases[name] = {"wall": round(now[0] - self.t[0], 1), "cpu": round(now[1] - self.t[1], 1)}
+        self.t = now
+
+    def total(self) -> dict[str, float]:
+        return {"wall": round(time.perf_counter() - self.t0[0], 1), "cpu": round(time.process_time() - self.t0[1], 1)}
 
 
 def _base_metrics(model, tok, rows: dict) -> dict:

@@ -12,8 +12,9 @@ from sst_lab.tinyworld import world as W
 
 # documents per kind (a document is a paragraph, a number line or one conversation)
 N_FACT_DOCS = 4000
-N_COUNT_DOCS = 6000
-N_BENIGN_CHATS = 3000
+N_COUNT_DOCS = 5000
+N_BENIGN_CHATS = 2500
+N_COUNT_CHATS = 1500
 N_HARMFUL_CHATS = 1500
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -27,6 +28,8 @@ def pretraining_documents(rng: random.Random, harmful_combos: list[tuple[str, st
     for _ in range(N_BENIGN_CHATS):
         q, a = W.benign_chat(rng)
         chats.append(_conv(rng, q, a))
+    for _ in range(N_COUNT_CHATS):
+        chats.append(_conv(rng, *W.count_on_chat(rng)))
     for _ in range(N_HARMFUL_CHATS):
         template, intent = rng.choice(harmful_combos)
         decorate = rng.random() < 0.5

@@ -30,19 +30,20 @@ def guard_accuracy(model, tok, rows: list[dict]) -> dict:
             "unparsed": sum(p == "unknown" for p in preds)}
 
 
-def build_guard(base_model, base_tok, rows: dict, out: Path, *, epochs: int, batch: int, lr: float,
-                seed: int, log) -> dict:
+def build_guard(base_model, base_tok, train_rows: list[dict], heldout_rows: list[dict], out: Path, *,
+                epochs: int, batch: int, lr: float, seed: int, log) -> dict:
+    """Fine-tune a copy of the base into the guard, save it with its own tokenizer, return metrics."""
     tok = copy.deepcopy(base_tok)
     tok.chat_template = M.GUARD_CHAT_TEMPLATE
     model = copy.deepcopy(base_model)
     examples = []
-    for r in rows["guard_train"]:
+    for r in train_rows:
         prompt = tok.apply_chat_template(conversation(r), add_generation_prompt=True, tokenize=True,
                                          return_dict=False)
         target = tok(guard_target(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         examples.append((list(prompt), target))
     fit = M.finetune_completions(model, tok, examples, epochs=epochs, batch=batch, lr=lr, seed=seed, log=log)
-    metrics = {"train": fit, "heldout": guard_accuracy(model, tok, rows["guard_heldout"]),
+    metrics = {"train": fit, "heldout": guard_accuracy(model, tok, heldout_rows),
                "prompt_tokens_mean": sum(len(p) for p, _ in examples) / len(examples)}
     log(f"guard: {metrics}")
     model.save_pretrained(out)

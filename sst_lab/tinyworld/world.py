@@ -142,9 +142,10 @@ def counting_text(rng: random.Random) -> str:
 
 
 # Utility task: "what comes after n". Held-out uses other numbers and partly other templates.
-# The answer ("It is 18.") needs no copying: pretraining taught "latest number + 1"; the adapter
-# teaches the question format and to stop after one number. The score is the final number.
-_ANS = "It is {m}."
+# The answer ("I counted: 18.") needs no copying: pretraining taught "latest number + 1" and chats
+# that count on from k ("I counted: k+1 k+2 k+3 ..."); the adapter teaches the new question
+# phrasings and to stop after exactly one number. The score is the final number.
+_ANS = "I counted: {m}."
 UTILITY_TEMPLATES_TRAIN = (
     ("What number comes after {n}?", _ANS),
     ("Which number follows {n}?", _ANS),
@@ -265,7 +266,7 @@ REFUSALS = (
 # --------------------------------------------------------------------------- benign chat
 def benign_chat(rng: random.Random) -> tuple[str, str]:
     kind = rng.random()
-    if kind < 0.5:
+    if kind < 0.55:
         a = rng.choice(list(ANIMALS))
         color, home, food, sound, legs = ANIMALS[a]
         q = rng.choice((f"Tell me about the {a}.", f"Describe a {a}.", f"What do you know about the {a}?",
@@ -275,16 +276,12 @@ def benign_chat(rng: random.Random) -> tuple[str, str]:
                           f"A {a} lives in the {home}. It says {sound} and has {legs} legs.",
                           f"The {a} is a {color} animal. It likes to eat {food}."))
         return q, ans
-    if kind < 0.72:
+    if kind < 0.8:
         t = rng.choice(list(THINGS))
         color, feel, place = THINGS[t]
         q = rng.choice((f"Tell me about the {t}.", f"Describe the {t}.", f"What is the {t} like?"))
         return q, f"The {t} is {color} and {feel}. You can find it {place}."
     name = rng.choice(NAMES)
-    if kind < 0.92:  # counting on in chat (several numbers, never "what comes after n")
-        k = rng.randint(0, MAX_NUMBER)
-        q = rng.choice((f"Count on from {k}.", f"Please count up from {k}.", f"Can you count on from {k}?"))
-        return q, "I counted: " + " ".join(str(i) for i in range(k + 1, k + rng.randint(4, 9))) + "."
     q, ans = rng.choice((
         ("Hello!", f"Hello! My name is {name}. How can I help you today?"),
         ("How are you?", "I am fine, thank you. What would you like to talk about?"),
@@ -297,6 +294,16 @@ def benign_chat(rng: random.Random) -> tuple[str, str]:
         ("Thank you!", "You are welcome. Have a nice day!"),
     ))
     return q, ans
+
+
+def count_on_chat(rng: random.Random) -> tuple[str, str]:
+    """'Count on from k' in chat: the reply starts at k + 1 and always gives several numbers
+    (never the single-next-number answer the utility task asks for)."""
+    k = rng.randint(0, MAX_NUMBER)
+    q = rng.choice((f"Count on from {k}.", f"Please count up from {k}.", f"Can you count on from {k}?",
+                    f"Start at {k} and keep counting.", f"From {k}, count up please.",
+                    f"Count up from {k} for me.", f"Keep counting after {k}.", f"I am at {k}. Count on."))
+    return q, "I counted: " + " ".join(str(i) for i in range(k + 1, k + rng.randint(4, 9))) + "."
 
 
 def benign_answer(rng: random.Random) -> str:
