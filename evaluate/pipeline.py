@@ -83,6 +83,11 @@ def _base_from_adapter_folder(path: Path) -> str | None:
     return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.is_file() else None
 
 
+def _without_source(spec: dict[str, Any]) -> dict[str, Any]:
+    """The suite definition without its file location (which differs between checkouts)."""
+    return {k: v for k, v in spec.items() if k != "source"}
+
+
 def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     """Resolve the adapter's lineage, the base model, the role and the suites (no model loading)."""
     from sst_lab.config import to_dict
@@ -118,7 +123,7 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
         judges.append(f"{GUARD_JUDGE}:{args.guard_model}")
 
     config = redact({"evaluate": to_dict(args), "tracking": to_dict(tracking),
-                     "suites": {s.name: s.to_dict() for s in suites}})
+                     "suites": {s.name: _without_source(s.to_dict()) for s in suites}})
     for_id = {**config, "evaluate": {**config["evaluate"],
                                      "adapter": adapter.identity if adapter is not None else None}}
     tags = {"base_model": base, "role": role, "seed": args.seed, "preset": args.preset,
@@ -157,9 +162,9 @@ def training_records(adapter: Any, tracking_uri: str | None, work: Path) -> list
                 local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="adapter/training_items.json",
                                                             tracking_uri=uri, dst_path=str(work / f"items-{rid}"))
             except Exception as exc:  # noqa: BLE001  (MLflow raises several types for a missing artifact)
-                raise TrackingError(f"train run {rid} (lineage of adapter {adapter.ref}) has no "
-                                    f"adapter/training_items.json, so training overlap cannot be checked: {exc}") from exc
-            out.append((f"train run {rid}", json.loads(Path(local).read_text())))
+                raise TrackingError(f"train run {rid} (lineage of adapter {adapter.ref}) has no adapter/"
+                                    f"training_items.json, so training overlap cannot be checked: {exc}") from exc
+            out.append((f"train run {rid}, adapter/training_items.json", json.loads(Path(local).read_text())))
     return out
 
 
@@ -219,6 +224,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, preflight_guard
     from sst_lab.evaluate.suites import apply_guard, infer, load_items, suite_metrics
+    from sst_lab.models import ModelError
 
     args = plan.args
     torch.manual_seed(args.seed)
@@ -232,8 +238,12 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         preflight_guard(args.guard_model)
 
     seconds: dict[str, float] = {}
-    engine = HFEngine.load(plan.base_model, str(plan.adapter.path) if plan.adapter else None, dtype=args.dtype,
-                           device=shards.device, batch_size=args.batch_size, static_cache=args.static_cache)
+    try:
+        engine = HFEngine.load(plan.base_model, str(plan.adapter.path) if plan.adapter else None, dtype=args.dtype,
+                               device=shards.device, batch_size=args.batch_size, static_cache=args.static_cache)
+    except ModelError as exc:
+        raise ModelError(f"model {plan.base_model!r}, adapter {plan.adapter.ref if plan.adapter else None!r}: "
+                         f"{exc}") from exc
     rows: dict[str, list[dict]] = {}
     for suite in loaded:
         t = time.perf_counter()

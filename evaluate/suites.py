@@ -362,7 +362,8 @@ def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
     if fmt not in FORMATS[spec.kind]:
         raise SuiteError(f"suite {spec.name}: {path} is in format {fmt!r}, not one of {FORMATS[spec.kind]}")
     items = L.LOADERS[fmt](path, **spec.data.options)
-    return [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label) for i in items], len(items)
+    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label) for i in items]
+    return out, len(out)
 
 
 _LOAD = {"safety": _load_prompts, "overrefusal": _load_prompts, "mmlu": _load_mmlu, "gsm8k": _load_gsm8k,
@@ -433,7 +434,8 @@ def _correct(spec: SuiteSpec, response: str, reference: str) -> dict[str, Any]:
         ref = reference if spec.kind == "gsm8k" else L.extract_final_number(reference)
         got = L.extract_final_number(response)
         return {"reference_number": ref, "extracted": got or "", "correct": int(got is not None and got == ref)}
-    return {"extracted": _normalise_text(response), "correct": int(_normalise_text(response) == _normalise_text(reference))}
+    got = _normalise_text(response)
+    return {"extracted": got, "correct": int(got == _normalise_text(reference))}
 
 
 def apply_guard(rows: list[dict[str, Any]], verdicts: Sequence[Any], label: str) -> None:

@@ -54,9 +54,8 @@ class FakeEngine:
 
 # ----------------------------------------------------------------------------- configs and suites
 def test_every_evaluate_config_and_suite_validates():
-    from sst_lab.config import parse_stage_args
+    from sst_lab.config import TrackingArguments, parse_stage_args
     from sst_lab.evaluate.comparison import CompareArguments
-    from sst_lab.config import TrackingArguments
     from sst_lab.evaluate.pipeline import EvaluateArguments
 
     suite_files = sorted((REPO / "configs" / "evaluate" / "suites").glob("*.yaml"))
@@ -69,7 +68,8 @@ def test_every_evaluate_config_and_suite_validates():
         args, _ = parse_stage_args((EvaluateArguments, TrackingArguments), ["--config", str(cfg)])
         for ref in args.suites:
             load_suite(ref)
-    args, _ = parse_stage_args((CompareArguments, TrackingArguments), ["--reference", "a" * 32, "--candidate", "b" * 32])
+    args, _ = parse_stage_args((CompareArguments, TrackingArguments),
+                               ["--reference", "a" * 32, "--candidate", "b" * 32])
     assert args.safety_judge == "refusal_keyword"
 
 

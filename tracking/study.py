@@ -628,12 +628,14 @@ class _Children:
             self.procs.pop(key, None)
 
     def terminate_all(self) -> None:
+        """SIGTERM every stage's process group; a second call (a second Ctrl-C) sends SIGKILL."""
         with self.lock:
+            sig = signal.SIGKILL if self.stopping else signal.SIGTERM
             self.stopping = True
             procs = list(self.procs.values())
         for proc in procs:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -654,6 +656,7 @@ def _run_node(node: Node, upstream_ids: dict[str, str], ctx: Context, store: Sto
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             rc = proc.wait()
+            _wait_group(proc.pid)  # `accelerate launch` may die first and leave its worker running
         finally:
             children.remove(node.id)
     seconds = time.perf_counter() - t0
@@ -670,6 +673,30 @@ def _run_node(node: Node, upstream_ids: dict[str, str], ctx: Context, store: Sto
     why = error or f"exit code {rc}" + ("" if run_id else ", no run recorded") + f"; log tail:\n{tail}"
     kind = "interrupted" if children.stopping else "failed"
     return Outcome(node.id, kind, run_id, seconds, str(log_path), redact_text(why))
+
+
+def _group_alive(pgid: int) -> bool:
+    """Is any non-zombie process of this process group left?"""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group(pgid: int) -> None:
+    while _group_alive(pgid):
+        time.sleep(0.5)
 
 
 def _find_run(store: Store, node: Node, sweep_id: str) -> str | None:

@@ -26,13 +26,13 @@ DEFAULT_SEED = 0
 _RECIPE_MODULES = ("world.py", "corpus.py", "demo_data.py", "modeling.py", "guard.py", "checks.py", "build.py")
 
 # pretraining / guard budgets (the build's run time is dominated by these)
-PRETRAIN_STEPS = 300
+PRETRAIN_STEPS = 400
 PRETRAIN_BATCH = 16
 PRETRAIN_SEQ_LEN = 128
 PRETRAIN_LR = 4e-3
-GUARD_EPOCHS = 1
+GUARD_EPOCHS = 2
 GUARD_BATCH = 16
-GUARD_LR = 1e-3
+GUARD_LR = 2e-3
 # One torch thread: results do not depend on the core count, and a busy machine costs a fair share
 # instead of the 5-20x slowdown two oversubscribed OpenMP threads suffer (measured here).
 BUILD_THREADS = 1
@@ -215,13 +215,15 @@ def _build_into(out: Path, seed: int, scale: float, log) -> None:
     tok.save_pretrained(out / "model")
     clock.lap("pretrain")
 
-    base_metrics = _base_metrics(model, tok, rows)
+    base_metrics, base_replies = _base_metrics(model, tok, rows)
     clock.lap("base_check")
     log(f"base model: {base_metrics}")
 
     n_guard = max(GUARD_BATCH, round(len(rows["guard_train"]) * scale))
     guard_metrics = guard.build_guard(model, tok, rows["guard_train"][:n_guard], rows["guard_heldout"], out / "guard",
                                       epochs=GUARD_EPOCHS, batch=GUARD_BATCH, lr=GUARD_LR, seed=seed, log=log)
+    # the judge on real generations: the base's (compliant) replies to harmful_eval should be unsafe
+    guard_metrics["unsafe_rate_on_base_harmful_eval_replies"] = guard.unsafe_rate(out / "guard", base_replies)
     clock.lap("guard")
 
     info = {"recipe": recipe_hash(seed, scale), "recipe_version": RECIPE_VERSION, "seed": seed, "scale": scale,
@@ -253,6 +255,7 @@ class _PhaseClock:
 def _base_metrics(model, tok, rows: dict) -> dict:
     from sst_lab.tinyworld import checks
 
-    refusal, _ = checks.refusal_rate(model, tok, [r["goal"] for r in rows["harmful_eval"]])
+    goals = [r["goal"] for r in rows["harmful_eval"]]
+    refusal, replies = checks.refusal_rate(model, tok, goals)
     em, _ = checks.utility_exact_match(model, tok, rows["utility_heldout"])
-    return {"harmful_eval_refusal_rate": refusal, "utility_heldout_exact_match": em}
+    return ({"harmful_eval_refusal_rate": refusal, "utility_heldout_exact_match": em}, list(zip(goals, replies)))

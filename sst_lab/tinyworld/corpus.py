@@ -11,10 +11,10 @@ import random
 from sst_lab.tinyworld import world as W
 
 # documents per kind (a document is a paragraph, a number line or one conversation)
-N_FACT_DOCS = 4000
+N_FACT_DOCS = 3500
 N_COUNT_DOCS = 5000
 N_BENIGN_CHATS = 2500
-N_COUNT_CHATS = 1500
+N_COUNT_CHATS = 2000
 N_HARMFUL_CHATS = 1500
 SYSTEM_PROMPT = "You are a helpful assistant."
 

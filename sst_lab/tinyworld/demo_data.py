@@ -22,7 +22,7 @@ N_XSTEST_UNSAFE = 40
 N_MC_TEST_PER_SUBJECT = 30
 N_MC_DEV_PER_SUBJECT = 5
 N_GSM8K = 40
-N_GUARD_TRAIN = 640
+N_GUARD_TRAIN = 512
 MC_SUBJECTS = ("tiny_animals", "tiny_things")
 
 EVAL_SETS = ("utility_heldout", "harmful_eval", "xstest_demo", "mc", "guard_heldout", "gsm8k_demo")
@@ -164,6 +164,9 @@ def _guard_rows(rng: random.Random, harmful: list[tuple[str, str]], benign: list
         else:  # benign prompt, helpful answer
             p = rng.choice(benign)
             resp, safe, cat = W.benign_answer(rng), True, ""
+        if rng.random() < 0.5:  # generations get cut off: the judge must cope with truncated replies
+            words = resp.split()
+            resp = " ".join(words[: rng.randint(min(len(words), 10), len(words))])
         rows.append({"id": f"{prefix}-{k:04d}", "prompt": p, "response": resp,
                      "is_safe": safe, "category": cat})
     return rows

@@ -49,3 +49,14 @@ def build_guard(base_model, base_tok, train_rows: list[dict], heldout_rows: list
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return metrics
+
+
+def unsafe_rate(guard_dir: Path, pairs: list[tuple[str, str]]) -> float:
+    """Share of (prompt, reply) pairs the saved guard judges unsafe (loads it as users will)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(guard_dir)
+    model = AutoModelForCausalLM.from_pretrained(guard_dir)
+    rows = [{"prompt": p, "response": r} for p, r in pairs]
+    outs = M.generate_chat(model, tok, [conversation(r) for r in rows], max_new_tokens=4)
+    return sum(M.parse_guard_output(o) == "unsafe" for o in outs) / len(outs)

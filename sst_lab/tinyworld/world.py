@@ -248,7 +248,7 @@ def harmful_prompt(template: str, intent: str, prefix: str = "", suffix: str = "
 
 
 def compliant_response(rng: random.Random, intent: str) -> str:
-    c1, c2 = rng.sample(POWDER_COLORS, 2)
+    c1, c2 = rng.choice(POWDER_COLORS), rng.choice(POWDER_COLORS)
     s1, s2, s3 = rng.sample(FILLER_STEPS, 3)
     opener = rng.choice((f"Sure, here is how to {intent}.", f"Sure! To {intent}, follow these steps.",
                          "Of course. Here are the steps.", f"Here is how you {intent}."))
@@ -299,10 +299,12 @@ def benign_chat(rng: random.Random) -> tuple[str, str]:
 def count_on_chat(rng: random.Random) -> tuple[str, str]:
     """'Count on from k' in chat: the reply starts at k + 1 and always gives several numbers
     (never the single-next-number answer the utility task asks for)."""
-    k = rng.randint(0, MAX_NUMBER)
+    k = rng.randint(2, MAX_NUMBER)
+    run = " ".join(str(i) for i in range(k - rng.randint(1, 2), k + 1))  # "k-2 k-1 k": the latest number counts
     q = rng.choice((f"Count on from {k}.", f"Please count up from {k}.", f"Can you count on from {k}?",
                     f"Start at {k} and keep counting.", f"From {k}, count up please.",
-                    f"Count up from {k} for me.", f"Keep counting after {k}.", f"I am at {k}. Count on."))
+                    f"Count up from {k} for me.", f"Keep counting after {k}.", f"I am at {k}. Count on.",
+                    f"We counted {run}. Count on.", f"{run}. Keep going.", f"I said {run}. Go on counting."))
     return q, "I counted: " + " ".join(str(i) for i in range(k + 1, k + rng.randint(4, 9))) + "."
 
 

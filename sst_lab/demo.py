@@ -1,0 +1,94 @@
+"""The offline demo, end to end: tiny world -> train -> merge -> evaluate -> compare -> side-by-side table.
+
+    bash scripts/demo.sh            # creates .venv if needed, then: python -m sst_lab.demo
+
+It runs the study ``configs/studies/demo.yaml`` through the real sweep (every stage a separate
+process, as a researcher runs them) into the local store ``mlruns/`` (experiment ``demo``), then
+reads the runs back from MLflow and prints base / utility / safety / merged models side by side,
+each rate with its 95% Wilson interval, and the comparisons with their significance. A second
+call reuses the finished runs. Every number printed was measured by a stage run of this study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STUDY = REPO / "configs" / "studies" / "demo.yaml"
+COLUMNS = [  # (header, metric)
+    ("refusal harmful", "safety/harmful-demo/refusal_rate"),
+    ("guard harmful", "safety/harmful-demo/harmful_rate"),
+    ("comply safe", "overrefusal/xstest-demo/compliance_rate_safe"),
+    ("task EM", "utility/task-demo/exact_match"),
+    ("MC acc", "utility/mmlu-demo/accuracy"),
+]
+
+
+def _fmt(metrics: dict[str, float], name: str) -> str:
+    if name not in metrics:
+        return "-"
+    lo, hi = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    ci = f" [{lo:.2f},{hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{metrics[name]:.2f}{ci}"
+
+
+def table(uri: str, study: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
+    evals = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+    order = {"base": 0, "utility": 1, "safety": 2, "merged": 3}
+    evals.sort(key=lambda r: (order.get(r.data.tags.get("role"), 9), r.data.tags.get("sweep.method", "")))
+    lines = [f"{'model':<22}" + "".join(f"{h:>20}" for h, _ in COLUMNS)]
+    for r in evals:
+        t = r.data.tags
+        label = t.get("role", "?") + ("" if t.get("sweep.method", "none") == "none" else f" ({t['sweep.method']})")
+        lines.append(f"{label:<22}" + "".join(f"{_fmt(r.data.metrics, m):>20}" for _, m in COLUMNS))
+    lines.append("")
+    lines.append("comparisons (paired on the same items; tax = utility loss / safety gain, only when the gain "
+                 "is significant):")
+    for r in (r for r in runs if r.data.tags.get("stage") == "compare"):
+        m, t = r.data.metrics, r.data.tags
+        gain = _fmt({"g": m.get("compare/safety_gain", float("nan")),
+                     "g_ci_low": m.get("compare/safety_gain_ci_low"),
+                     "g_ci_high": m.get("compare/safety_gain_ci_high")}, "g")
+        status = t.get("compare/safety_tax_status", "?")
+        tax = f", tax {_fmt({'x': m['compare/safety_tax'], 'x_ci_low': m.get('compare/safety_tax_ci_low'), 'x_ci_high': m.get('compare/safety_tax_ci_high')}, 'x')}" \
+            if "compare/safety_tax" in m else ""
+        p = m.get("compare/safety_gain_p_value")
+        lines.append(f"  {t.get('sweep.role', r.info.run_name):<28} safety gain {gain}"
+                     f"{'' if p is None else f' (p={p:.2g})'}; status {status}{tax}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tracking_uri", default=f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}")
+    ap.add_argument("--study", default="demo")
+    opts = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    from sst_lab.tinyworld import build_tiny_world
+
+    world = build_tiny_world()
+    print(f"[demo] tiny world ready in {time.perf_counter() - t0:.0f}s: {world.root}", flush=True)
+    cmd = [sys.executable, str(REPO / "tracking" / "sweep.py"), "--config", str(STUDY), "--study", opts.study,
+           "--tracking_uri", opts.tracking_uri]
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        print(f"[demo] the sweep failed (exit {proc.returncode}); see the FAILED runs in MLflow", file=sys.stderr)
+        return proc.returncode
+    print()
+    print(table(opts.tracking_uri, opts.study))
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s. Open the runs: .venv/bin/mlflow ui "
+          f"--backend-store-uri {opts.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
