@@ -8,8 +8,10 @@ Prints, in one run, per interleaved round and as the median over rounds:
     logits, batched) vs one unbatched forward per (prompt, option) pair scoring the option's
     letter as a continuation (same log-probabilities, checked).
 
-Run it alone (other busy processes slow torch's threads by up to 10x; see /work/shared/NOTES.md):
-    .venv/bin/python bench/bench_eval.py [--model tiny-world] [--rounds 5] [--n 48] [--batch 16]
+Run it alone (other busy processes slow torch's threads by up to 10x; see /work/shared/NOTES.md).
+Both wall-clock and process CPU time are measured; on a shared machine the CPU-time ratios (with
+``--threads 1``) are the robust ones, since waiting for a core does not count as CPU time:
+    .venv/bin/python bench/bench_eval.py [--model tiny-world] [--rounds 5] [--n 48] [--batch 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def naive_choice_logprobs(engine, conversations, letters):
     return out
 
 
-def timed(fn):
-    t = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - t, result
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -100,25 +103,27 @@ def main() -> None:
     diff = float(np.abs(engine.choice_logprobs(questions[:8], letters) - lp_ref).max())
     assert diff < 1e-3, f"batched letter log-probs differ from per-option forwards by {diff}"
 
-    gen_ratio, static_ratio, mc_ratio = [], [], []
+    ratios: dict[str, dict[str, list[float]]] = {c: {"gen": [], "static": [], "mc": []} for c in ("wall", "cpu")}
     print(f"model {a.model}, {a.n} prompts, batch {a.batch}, max_new_tokens {a.max_new_tokens}, "
           f"{torch.get_num_threads()} threads; ratios = plain time / engine time (higher: engine faster)")
     for r in range(a.rounds):
-        t_engine, _ = timed(lambda: engine.generate(convs, a.max_new_tokens))
-        t_naive, _ = timed(lambda: naive_generate(engine, convs, a.max_new_tokens))
-        t_static, _ = timed(lambda: static.generate(convs, a.max_new_tokens))
-        t_mc, _ = timed(lambda: engine.choice_logprobs(questions, letters))
-        t_mc_naive, _ = timed(lambda: naive_choice_logprobs(engine, questions, letters))
-        gen_ratio.append(t_naive / t_engine)
-        static_ratio.append(t_engine / t_static)
-        mc_ratio.append(t_mc_naive / t_mc)
-        print(f"round {r}: generate engine {t_engine:.2f}s, one-at-a-time {t_naive:.2f}s "
-              f"(x{gen_ratio[-1]:.2f}); static cache {t_static:.2f}s (dynamic/static x{static_ratio[-1]:.2f}); "
-              f"MC engine {t_mc:.2f}s, per-option {t_mc_naive:.2f}s (x{mc_ratio[-1]:.2f})")
-    print(f"median generation speed-up (one-at-a-time / batched engine): x{statistics.median(gen_ratio):.2f}")
-    print(f"median static-cache effect (dynamic / static; >1 means static helps): "
-          f"x{statistics.median(static_ratio):.2f}")
-    print(f"median MC speed-up (per-option forwards / batched letter logits): x{statistics.median(mc_ratio):.2f}")
+        t = {"engine": timed(lambda: engine.generate(convs, a.max_new_tokens)),
+             "naive": timed(lambda: naive_generate(engine, convs, a.max_new_tokens)),
+             "static": timed(lambda: static.generate(convs, a.max_new_tokens)),
+             "mc": timed(lambda: engine.choice_logprobs(questions, letters)),
+             "mc_naive": timed(lambda: naive_choice_logprobs(engine, questions, letters))}
+        for k, clock in enumerate(("wall", "cpu")):
+            ratios[clock]["gen"].append(t["naive"][k] / t["engine"][k])
+            ratios[clock]["static"].append(t["engine"][k] / t["static"][k])
+            ratios[clock]["mc"].append(t["mc_naive"][k] / t["mc"][k])
+        print(f"round {r} (wall / cpu s): generate engine {t['engine'][0]:.2f}/{t['engine'][1]:.2f}, one-at-a-time "
+              f"{t['naive'][0]:.2f}/{t['naive'][1]:.2f}, static cache {t['static'][0]:.2f}/{t['static'][1]:.2f}; "
+              f"MC engine {t['mc'][0]:.2f}/{t['mc'][1]:.2f}, per-option {t['mc_naive'][0]:.2f}/{t['mc_naive'][1]:.2f}")
+    for clock in ("wall", "cpu"):
+        med = {k: statistics.median(v) for k, v in ratios[clock].items()}
+        print(f"median over rounds ({clock} time): generation one-at-a-time / batched engine x{med['gen']:.2f}; "
+              f"static KV cache (dynamic / static, >1: static helps) x{med['static']:.2f}; "
+              f"MC per-option forwards / batched letter logits x{med['mc']:.2f}")
 
 
 if __name__ == "__main__":

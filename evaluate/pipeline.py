@@ -227,6 +227,9 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     from sst_lab.models import ModelError
 
     args = plan.args
+    if args.output_dir and Path(args.output_dir).exists():
+        raise FileExistsError(f"output_dir {args.output_dir} already exists; sst-lab never overwrites outputs: "
+                              "choose another output_dir")
     torch.manual_seed(args.seed)
     shards = Shards()
     t0 = time.perf_counter()
@@ -272,7 +275,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     metrics["time/total_seconds"] = time.perf_counter() - t0
     out_dir = None
     if run.enabled:
-        _log(run, loaded, rows, metrics, omitted, plan)
+        _log(run, loaded, rows, metrics, omitted)
         out_dir = Path(args.output_dir or Path("outputs") / study / f"{plan.run_name}-{run.run_id[:8]}")
         _write_local(out_dir, loaded, rows, metrics, omitted)
     return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)
@@ -284,7 +287,7 @@ def _suite_record(suite: LoadedSuite) -> dict[str, Any]:
 
 
 def _log(run: Any, loaded: list[LoadedSuite], rows: dict[str, list[dict]], metrics: dict[str, float],
-         omitted: dict[str, str], plan: Plan) -> None:
+         omitted: dict[str, str]) -> None:
     for suite in loaded:
         name = suite.spec.name
         run.log_dataset([{"id": i.id, "prompt": i.prompt, "prompt_sha": i.prompt_sha} for i in suite.items],

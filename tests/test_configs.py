@@ -58,9 +58,17 @@ def validate_accelerate(path: Path) -> None:
 
 
 def validate_evaluate(path: Path) -> None:
+    from sst_lab.config import TrackingArguments, parse_stage_args
     from sst_lab.evaluate import suites
+    from sst_lab.evaluate.pipeline import EvaluateArguments
 
-    suites.validate_config_file(path)
+    if path.parent.name == "suites":
+        spec = suites.load_suite(str(path))
+        assert spec.name == path.stem and spec.version >= 1
+        return
+    args, _ = parse_stage_args((EvaluateArguments, TrackingArguments), ["--config", str(path)])
+    for name in args.suites:
+        suites.load_suite(name)  # every named suite exists and parses
 
 
 def validate_study(path: Path) -> None:

@@ -164,20 +164,20 @@ def test_tiny_study_grid():
         assert set(n.upstream.values()) <= seen, n.id
         seen.add(n.id)
     ids = {n.id: n for n in nodes}
-    merge = ids["merge-sst-k16-tiny-world-n48-s1"]
+    merge = ids["merge-sst-k16-tiny-world-n100-s1"]
     assert merge.args["method"] == "sst" and merge.args["k"] == 16
-    assert merge.upstream == {"utility_adapter": "train-utility-tiny-world-n48-s1",
-                              "safety_adapter": "train-safety-tiny-world-n48-s1"}
-    cmp_ = ids["compare-merged-sst-k16-vs-utility-tiny-world-n48-s1"]
-    assert cmp_.upstream == {"candidate": "evaluate-merged-sst-k16-tiny-world-n48-s1",
-                             "reference": "evaluate-utility-tiny-world-n48-s1"}
-    assert ids["compare-safety-vs-base-tiny-world-n96-s2"].upstream["reference"] == "evaluate-base-tiny-world-s2"
+    assert merge.upstream == {"utility_adapter": "train-utility-tiny-world-n100-s1",
+                              "safety_adapter": "train-safety-tiny-world-n100-s1"}
+    cmp_ = ids["compare-merged-sst-k16-vs-utility-tiny-world-n100-s1"]
+    assert cmp_.upstream == {"candidate": "evaluate-merged-sst-k16-tiny-world-n100-s1",
+                             "reference": "evaluate-utility-tiny-world-n100-s1"}
+    assert ids["compare-safety-vs-base-tiny-world-n400-s2"].upstream["reference"] == "evaluate-base-tiny-world-s2"
     # keys: seed-free, config-sensitive, and carried through the lineage
-    assert ids["train-utility-tiny-world-n48-s1"].key == ids["train-utility-tiny-world-n48-s2"].key
-    assert ids["train-utility-tiny-world-n48-s1"].key != ids["train-utility-tiny-world-n96-s1"].key
-    assert ids["merge-sst-k16-tiny-world-n48-s1"].key != ids["merge-ties-d0.5-tiny-world-n48-s1"].key
-    assert ids["evaluate-merged-sst-k16-tiny-world-n48-s2"].key == ids["evaluate-merged-sst-k16-tiny-world-n48-s1"].key
-    train = ids["train-safety-tiny-world-n96-s2"]
+    assert ids["train-utility-tiny-world-n100-s1"].key == ids["train-utility-tiny-world-n100-s2"].key
+    assert ids["train-utility-tiny-world-n100-s1"].key != ids["train-utility-tiny-world-n400-s1"].key
+    assert ids["merge-sst-k16-tiny-world-n100-s1"].key != ids["merge-ties-d0.5-tiny-world-n100-s1"].key
+    assert ids["evaluate-merged-sst-k16-tiny-world-n100-s2"].key == ids["evaluate-merged-sst-k16-tiny-world-n100-s1"].key
+    train = ids["train-safety-tiny-world-n400-s2"]
     cmd = st.command(train, {}, output_dir="/o", study="tiny", python="py")
     assert cmd[:5] == ["py", "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml"]
     assert cmd[5] == "train/sft.py" and "--sample_size" in cmd and cmd[cmd.index("--seed") + 1] == "2"
@@ -191,7 +191,9 @@ def test_every_study_config_loads_and_expands(path):
     n_models, n_sizes, n_seeds = len(study.models), len(study.sample_sizes), len(study.seeds)
     assert sum(n.stage == "train" for n in nodes) == 2 * n_models * n_sizes * n_seeds
     assert sum(n.stage == "merge" for n in nodes) == len(study.merge.methods) * n_models * n_sizes * n_seeds
-    assert len(study.seeds) >= 2
+    if path.name == "original-3models.yaml":  # the GPU study: three models, 3+ seeds
+        assert {m.name for m in study.models} == {"mistral-7b", "llama-3.1-8b", "qwen2.5-14b"}
+        assert len(study.seeds) >= 3 and len(nodes) == 468
 
 
 def test_study_config_errors_name_the_field(tmp_path, fakes):
@@ -521,11 +523,11 @@ def test_tiny_world_study_killed_resumed_and_reused(tiny_world_study):
     stages = [r.data.tags["stage"] for r in runs if r.info.status == "FINISHED"]
     assert {s: stages.count(s) for s in st.PIPELINE} == {"train": 8, "merge": 8, "evaluate": 18, "compare": 12}
     by_node = {r.data.tags["sweep.node"]: r for r in runs if r.info.status == "FINISHED"}
-    ev = by_node["evaluate-merged-sst-k16-tiny-world-n96-s2"]
+    ev = by_node["evaluate-merged-sst-k16-tiny-world-n400-s2"]
     lineage = ev.data.tags["upstream_run_ids"].split(",")
-    assert lineage[0] == by_node["merge-sst-k16-tiny-world-n96-s2"].info.run_id
-    assert by_node["train-safety-tiny-world-n96-s2"].info.run_id in lineage
-    cmp_ = by_node["compare-merged-ties-d0.5-vs-utility-tiny-world-n48-s1"]
+    assert lineage[0] == by_node["merge-sst-k16-tiny-world-n400-s2"].info.run_id
+    assert by_node["train-safety-tiny-world-n400-s2"].info.run_id in lineage
+    cmp_ = by_node["compare-merged-ties-d0.5-vs-utility-tiny-world-n100-s1"]
     assert "compare/safety_gain" in cmp_.data.metrics and cmp_.data.tags["compare/safety_tax_status"]
     print(f"tiny-world study: killed + resumed to the end in {t['seconds']:.0f} s")
 

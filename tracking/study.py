@@ -867,9 +867,22 @@ def normalise_uri(uri: str) -> str:
     return uri
 
 
+def check_server(uri: str, timeout: float = 15.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own retries take minutes)."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"tracking server {redact_text(uri)} does not answer /health: {exc}") from None
+
+
 def prepare(study: Study, *, tracking_uri: str | None, output_root: str | None, workers: int | None,
             on_failure: str | None, create: bool = True) -> tuple[Context, Store]:
     uri = normalise_uri(resolve_tracking_uri(tracking_uri))
+    check_server(uri)
     root = Path(output_root or study.output_root)
     root = (root if root.is_absolute() else Path.cwd() / root) / _SAFE.sub("_", study.name)
     ctx = Context(study.name, uri, root, workers or study.workers, on_failure or study.on_failure)

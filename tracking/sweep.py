@@ -39,7 +39,10 @@ def make_parser():
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     from sst_lab.config import ConfigError
+    from sst_lab.redact import redact_text
     from sst_lab.tracking import study as st
 
     try:
@@ -56,6 +59,9 @@ def main(argv=None) -> int:
             plan = st.single_node_plan(plan, args.node)
     except (ConfigError, st.PlanError) as exc:
         print(f"sweep: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"sweep: the tracking store does not answer: {redact_text(str(exc))[:800]}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(st.describe_plan(plan, ctx))

@@ -122,6 +122,7 @@ def build_tiny_world(root: Path | None = None, *, force: bool = False, seed: int
         for stale in [*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a builder that died (we hold the lock)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             with _torch_threads(BUILD_THREADS), _quiet_progress_bars():
                 _build_into(tmp, seed, scale, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
@@ -184,11 +185,10 @@ def _build_into(out: Path, seed: int, scale: float, log) -> None:
     from sst_lab.tinyworld import modeling as M
 
     clock = _PhaseClock()
-    rng = random.Random(seed)
     torch.manual_seed(seed)
-
-    rows = demo_data.make_demo_data(rng)
-    texts, chats = corpus.pretraining_documents(rng, rows["pretrain_harmful_combos"])
+    # independent streams: changing a demo set does not change the pretraining corpus
+    rows = demo_data.make_demo_data(random.Random(f"data-{seed}"))
+    texts, chats = corpus.pretraining_documents(random.Random(f"corpus-{seed}"), rows["pretrain_harmful_combos"])
     chat_plain = [" ".join(m["content"] for m in c) for c in chats]
     demo_data.check_no_contamination(rows, extra={"pretraining corpus": texts + chat_plain})
     demo_data.write_demo_data(rows, out / "data")

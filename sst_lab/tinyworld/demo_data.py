@@ -25,8 +25,6 @@ N_GSM8K = 40
 N_GUARD_TRAIN = 512
 MC_SUBJECTS = ("tiny_animals", "tiny_things")
 
-EVAL_SETS = ("utility_heldout", "harmful_eval", "xstest_demo", "mc", "guard_heldout", "gsm8k_demo")
-TRAIN_SETS = ("utility_train", "safety_train", "guard_train")
 
 
 class ContaminationError(RuntimeError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 # --------------------------------------------------------------------------- facts
 # name: (color, home, food, sound, legs)
@@ -299,12 +298,10 @@ def benign_chat(rng: random.Random) -> tuple[str, str]:
 def count_on_chat(rng: random.Random) -> tuple[str, str]:
     """'Count on from k' in chat: the reply starts at k + 1 and always gives several numbers
     (never the single-next-number answer the utility task asks for)."""
-    k = rng.randint(2, MAX_NUMBER)
-    run = " ".join(str(i) for i in range(k - rng.randint(1, 2), k + 1))  # "k-2 k-1 k": the latest number counts
+    k = rng.randint(0, MAX_NUMBER)
     q = rng.choice((f"Count on from {k}.", f"Please count up from {k}.", f"Can you count on from {k}?",
                     f"Start at {k} and keep counting.", f"From {k}, count up please.",
-                    f"Count up from {k} for me.", f"Keep counting after {k}.", f"I am at {k}. Count on.",
-                    f"We counted {run}. Count on.", f"{run}. Keep going.", f"I said {run}. Go on counting."))
+                    f"Count up from {k} for me.", f"Keep counting after {k}.", f"I am at {k}. Count on."))
     return q, "I counted: " + " ".join(str(i) for i in range(k + 1, k + rng.randint(4, 9))) + "."
 
 
@@ -362,9 +359,3 @@ _NORM_RE = re.compile(r"[^a-z0-9]+")
 def normalise(text: str) -> str:
     """Lowercase, punctuation and whitespace collapsed: the contamination-check key."""
     return _NORM_RE.sub(" ", text.lower()).strip()
-
-
-@dataclass(frozen=True)
-class HarmfulCombo:
-    template: str
-    intent: str
