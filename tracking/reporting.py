@@ -215,7 +215,7 @@ def _get(data: ReportData, size: str, model: str, row: str, col: str) -> Cell:
 
 def plot_pareto(data: ReportData):
     plt = _plt()
-    fig, axes = plt.subplots(1, len(data.models), figsize=(5.5 * len(data.models), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(data.models), figsize=(max(7.0, 5.5 * len(data.models)), 5.2), squeeze=False)
     markers = "osD^v<>"
     colors = plt.get_cmap("tab10")
     for ax, model in zip(axes[0], data.models):
@@ -231,25 +231,35 @@ def plot_pareto(data: ReportData):
         ax.set_title(model)
         ax.set_xlabel(f"utility: {data.metrics['utility']}")
         ax.set_ylabel(f"safety: {data.metrics['safety']}")
+        _clip_rates(ax, data, model, "utility", "x")
+        _clip_rates(ax, data, model, "safety", "y")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{data.study}: safety vs utility (mean, 95% t-interval over seeds)")
+    fig.suptitle(f"{data.study}: safety vs utility\nmean and 95% t-interval over seeds (axes cut at [0, 1])")
     fig.tight_layout()
     return fig
+
+
+def _clip_rates(ax, data: ReportData, model: str, col: str, axis: str) -> None:
+    """Rates live in [0, 1]: keep the axis there (a 2-seed t-interval can reach far beyond it)."""
+    means = [c.mean for c in data.cells if c.model == model and c.column == col and c.mean is not None]
+    if means and all(0.0 <= m <= 1.0 for m in means):
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(-0.05, 1.05)
 
 
 def plot_tax(data: ReportData):
     plt = _plt()
     rows = ["safety", *data.methods]
-    fig, axes = plt.subplots(1, len(data.models), figsize=(5.5 * len(data.models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(data.models), figsize=(max(7.0, 5.5 * len(data.models)), 4.5), squeeze=False)
     width = 0.8 / max(1, len(rows))
     for ax, model in zip(axes[0], data.models):
         for ri, row in enumerate(rows):
-            xs, ys, errs = [], [], [[], []]
+            xs, ys, errs, notes = [], [], [[], []], []
             for si, size in enumerate(data.sample_sizes):
                 c = _get(data, size, model, row, "tax")
                 if c.mean is None:
                     continue
+                notes.append(c.note)
                 xs.append(si + (ri - (len(rows) - 1) / 2) * width)
                 ys.append(c.mean)
                 e = _err(c)
@@ -257,10 +267,13 @@ def plot_tax(data: ReportData):
                 errs[1].append(e[1])
             if xs:
                 ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=row)
+                for x, y, note in zip(xs, ys, notes):
+                    ax.annotate(note.replace(" defined", ""), (x, y), ha="center", va="bottom", fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(data.sample_sizes)), [f"n={s}" for s in data.sample_sizes])
         ax.set_title(model)
         ax.set_ylabel("safety tax (utility loss / safety gain)")
+        ax.set_xlabel("k/n: seeds where the tax is defined")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{data.study}: safety tax (seeds where defined; 95% t-interval)")
@@ -287,13 +300,17 @@ def plot_vs_size(data: ReportData):
                     ax.axhline(pts[0][1].mean, ls="--", color="gray", label="base")
                     continue
                 x = [p[0] for p in pts]
-                ax.plot(x, [p[1].mean for p in pts], marker="o", label=row)
+                (line,) = ax.plot(x, [p[1].mean for p in pts], marker="o", label=row)
                 if all(p[1].ci_low is not None for p in pts):
-                    ax.fill_between(x, [p[1].ci_low for p in pts], [p[1].ci_high for p in pts], alpha=0.15)
+                    ax.fill_between(x, [p[1].ci_low for p in pts], [p[1].ci_high for p in pts], alpha=0.12,
+                                    color=line.get_color())
             ax.set_title(f"{model}: {TITLES[col]}", fontsize=9)
             ax.set_xlabel("sample size")
+            _clip_rates(ax, data, model, col, "y")
             if numeric and len(xs_all) > 1 and max(xs_all) >= 4 * min(xs_all) > 0:
                 ax.set_xscale("log")
+                ax.minorticks_off()
+            ax.set_xticks(xs_all, data.sample_sizes)
             ax.set_ylabel(data.metrics[col], fontsize=7)
             ax.grid(alpha=0.3)
             if i == 0:
