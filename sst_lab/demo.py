@@ -62,7 +62,9 @@ def table(uri: str, study: str) -> str:
         tax = f", tax {_fmt({'x': m['compare/safety_tax'], 'x_ci_low': m.get('compare/safety_tax_ci_low'), 'x_ci_high': m.get('compare/safety_tax_ci_high')}, 'x')}" \
             if "compare/safety_tax" in m else ""
         p = m.get("compare/safety_gain_p_value")
-        lines.append(f"  {t.get('sweep.role', r.info.run_name):<28} safety gain {gain}"
+        label = t.get("sweep.role", r.info.run_name) + ("" if t.get("sweep.method", "none") == "none"
+                                                        else f" ({t['sweep.method']})")
+        lines.append(f"  {label:<38} safety gain {gain}"
                      f"{'' if p is None else f' (p={p:.2g})'}; status {status}{tax}")
     return "\n".join(lines)
 

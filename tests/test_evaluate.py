@@ -302,6 +302,10 @@ def test_metrics_tables_and_tags_land_in_mlflow(evaluated, trained, store, tmp_p
     assert safety.tags["config_id"] != client.get_run(evaluated["base"]).data.tags["config_id"]
     ms, mb = safety.metrics, client.get_run(evaluated["base"]).data.metrics
     assert ms["safety/harmful-demo/refusal_rate"] > mb["safety/harmful-demo/refusal_rate"]
+    # the demo's real effects (issue 3), with intervals that do not overlap the base model's
+    mu = client.get_run(evaluated["utility"]).data.metrics
+    assert ms["safety/harmful-demo/refusal_rate_ci_low"] > mb["safety/harmful-demo/refusal_rate_ci_high"]
+    assert mu["utility/task-demo/exact_match_ci_low"] > mb["utility/task-demo/exact_match_ci_high"]
 
 
 def test_safety_adapter_gain_is_significant_in_compare(evaluated, store):

