@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 
+LOGGING_STEPS = ["--logging_steps", "1"]
+
+
 def make_args(out: Path, steps: int, seed: int):
     from trl import ModelConfig, SFTConfig
 
@@ -29,7 +32,7 @@ def make_args(out: Path, steps: int, seed: int):
     repo = Path(__file__).resolve().parents[1]
     return parse_stage_args((TrainArguments, SFTConfig, ModelConfig, TrackingArguments), [
         "--config", str(repo / "configs/models/tiny.yaml"), "--config", str(repo / "configs/train/safety.yaml"),
-        "--max_steps", str(steps), "--logging_steps", "1", "--output_dir", str(out), "--seed", str(seed),
+        "--max_steps", str(steps), *LOGGING_STEPS, "--output_dir", str(out), "--seed", str(seed),
         "--study", "bench"])
 
 
@@ -71,7 +74,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--logging_steps", type=int, default=1, help="1 = an MLflow write at every step (worst case)")
     opts = ap.parse_args()
+    LOGGING_STEPS[1] = str(opts.logging_steps)
     from sst_lab.tinyworld import build_tiny_world
 
     build_tiny_world()

@@ -40,4 +40,5 @@ class StageMetricsCallback(TrainerCallback):
         if tokens is not None and self._t0 is not None and now > self._t0:
             metrics["train/tokens_per_second"] = (float(tokens) - self._tokens0) / (now - self._t0)
             self._t0, self._tokens0 = now, float(tokens)
-        self.run.log_metrics(metrics, step=state.global_step)
+        # asynchronous: the training loop never waits for the store (MLflow flushes at end_run)
+        self.run.log_metrics(metrics, step=state.global_step, synchronous=False)

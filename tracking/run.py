@@ -207,7 +207,7 @@ class StageRun:
     tracking_uri: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, synchronous: bool = True) -> None:
         """Log finite numbers under valid names; anything else is an error, never a placeholder."""
         clean = {}
         for name, value in metrics.items():
@@ -220,7 +220,7 @@ class StageRun:
         if self.enabled and clean:
             import mlflow
 
-            mlflow.log_metrics(clean, step=step)
+            mlflow.log_metrics(clean, step=step, synchronous=synchronous)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
