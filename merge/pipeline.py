@@ -64,6 +64,8 @@ class MergeArguments:
     fisher_dtype: str = field(default="float32", metadata={"help": "Model dtype for the Fisher pass."})
     output_rank: int | None = field(default=None, metadata={
         "help": "Rank of the merged LoRA; default r_utility + r_safety (exact for linear/cat/sst)."})
+    save_full_model: bool = field(default=False, metadata={
+        "help": "Also write base + merged adapter folded into one full model (output_dir/full_model)."})
     allow_identical_to_input: bool = field(default=False, metadata={
         "help": "Allow a merge equal to an input (e.g. k=0 or alpha=0); otherwise that fails the run."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the merged adapter goes."})
@@ -245,11 +247,26 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
             import yaml
 
             (tmp / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+            if args.save_full_model:
+                save_full_model(inputs.base_model, tmp, tmp / "full_model")
         run.log_metrics(metrics)
         run.log_artifacts(out_dir, "adapter")
         run.log_json(report, "merge_report.json")
         _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
     return MergeOutcome(out_dir, report, metrics)
+
+
+def save_full_model(base_model: str, adapter_dir: Path, out: Path) -> None:
+    """Fold the merged adapter into the base weights (``merge_and_unload``) and save model + tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sst_lab.models import load_tokenizer
+
+    path = resolve_model_path(base_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(adapter_dir))
+    model.merge_and_unload().save_pretrained(str(out))
+    load_tokenizer(path).save_pretrained(str(out))
 
 
 def _items(adapter_dir: Path) -> list[dict]:

@@ -152,3 +152,15 @@ def test_bad_fisher_data_fails_clearly(trained, store, tmp_path):
     with pytest.raises(ValueError, match="fisher.jsonl"):
         merge_in_process(trained, store, tmp_path, "sst", "--k", "4", "--alpha", "1.0",
                          "--fisher_safety_data", str(bad))
+
+
+def test_full_model_export_equals_base_plus_merged_adapter(trained, store, world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = merge_in_process(trained, store, tmp_path, "linear", "--save_full_model", "true")
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(out / "full_model").eval()(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out).eval()(ids).logits
+    assert torch.allclose(full, peft, atol=1e-4)
