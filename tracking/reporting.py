@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from mlflow.exceptions import MlflowException
 
 ALPHA = 0.05
 DEFAULT_PATTERNS = {
@@ -338,8 +339,9 @@ def merge_spectra(client: Any, experiment_id: str, work: Path, limit: int = 6) -
             break
         try:
             path = client.download_artifacts(r.info.run_id, "merge_report.json", str(work))
-        except Exception:  # an older merge run without the report: nothing to plot
-            continue
+        except (MlflowException, OSError) as exc:  # every FINISHED merge run logs it: a gap is an error
+            raise ValueError(f"merge run {r.info.run_id} ({method}) has no merge_report.json, so its SST "
+                             f"eigen-spectrum cannot be plotted: {exc}") from exc
         report = json.loads(Path(path).read_text())
         spectra = {name: (m.get("eigenvalues") or m.get("top_eigenvalues"), m.get("k"))
                    for name, m in report.get("modules", {}).items()
