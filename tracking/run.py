@@ -330,32 +330,31 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
             raise TrackingError(f"cannot reopen run {resume_run_id}: it belongs to experiment {owner}, "
                                 f"not to study {study!r} ({experiment_id})")
 
-    def _on_sigterm(signum: int, _frame: Any) -> None:
-        raise StageInterrupted(f"stage interrupted by signal {signal.Signals(signum).name}")
-
-    # the handler goes in before the run exists: a SIGTERM at any later moment ends the run FAILED
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    try:
-        if resume_run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+    guard = _InterruptGuard(uri)
+    with guard:
+        try:
+            with guard.deferred():  # a signal here would leave a created run off mlflow's active-run stack
+                if resume_run_id is None:
+                    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+                else:
+                    run = mlflow.start_run(run_id=resume_run_id, run_name=run_name, tags=all_tags)
+                guard.run_id = run.info.run_id
+            handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
+                              tracking_uri=uri, tags=dict(all_tags))
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+            mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
+            yield handle
+            guard.raise_if_swallowed()
+        except BaseException as exc:
+            if guard.run_id is not None:
+                with guard.deferred(raise_pending=False):  # the run is closing FAILED already
+                    _fail(exc, guard.run_id)
+            raise
         else:
-            run = mlflow.start_run(run_id=resume_run_id, run_name=run_name, tags=all_tags)
-        handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
-                          tracking_uri=uri, tags=dict(all_tags))
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]))
-        mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
-        yield handle
-    except BaseException as exc:
-        if mlflow.active_run() is not None:
-            _fail(exc)
-        raise
-    else:
-        mlflow.end_run(status="FINISHED")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            with guard.deferred():  # a signal now is acted on once the run is FINISHED
+                mlflow.end_run(status="FINISHED")
 
 
 RUN_TAGS_ENV = "SST_LAB_RUN_TAGS"
@@ -381,17 +380,108 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _fail(exc: BaseException) -> None:
-    """Record the (redacted) error and end the run FAILED; never mask the original error."""
+def _fail(exc: BaseException, run_id: str) -> None:
+    """Record the (redacted) error and end ``run_id`` FAILED; never mask the original error."""
     import mlflow
 
     text = redact_text("".join(traceback.format_exception(exc)))
+    client = mlflow.MlflowClient()
     try:
-        mlflow.log_text(text, "error.txt")
-        mlflow.set_tag("error", redact_text(f"{type(exc).__name__}: {exc}")[:5000])
+        client.log_text(run_id, text, "error.txt")
+        client.set_tag(run_id, "error", redact_text(f"{type(exc).__name__}: {exc}")[:5000])
     finally:
-        mlflow.end_run(status="FAILED")
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status="FAILED")
+        else:  # mlflow already dropped it from its stack (e.g. an error inside end_run)
+            client.set_terminated(run_id, status="FAILED")
     print(f"[sst-lab] run FAILED: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+
+
+INTERRUPT_GRACE_ENV = "SST_LAB_INTERRUPT_GRACE_SECONDS"
+
+
+class _InterruptGuard:
+    """SIGTERM/SIGINT handling of one stage run, so an interrupted run always ends FAILED.
+
+    A signal raises :class:`StageInterrupted` in the main thread, except inside ``deferred()``
+    sections (creating and closing the run), where it is held and raised on leaving the
+    section. Python swallows an exception raised inside a finalizer (``__del__``, a weakref
+    callback), so the guard also remembers every signal: a stage body that returns after one ends
+    FAILED, and a watchdog thread started by the first signal ends the run FAILED and exits the
+    process (128 + signal) if the run is still open ``$SST_LAB_INTERRUPT_GRACE_SECONDS`` (60)
+    later. Outside the main thread (no signal handlers possible) the guard does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, uri: str):
+        import threading
+
+        self.uri, self.run_id = uri, None
+        self.received: int | None = None  # first signal seen
+        self.pending: int | None = None  # a signal held inside a deferred section
+        self.defer = False
+        self.closed = threading.Event()
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_InterruptGuard":
+        if _in_main_thread():
+            self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.closed.set()
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            self._start_watchdog(signum)
+        if self.defer:
+            self.pending = self.pending or signum
+            return
+        raise StageInterrupted(f"stage interrupted by signal {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def deferred(self, raise_pending: bool = True) -> Iterator[None]:
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+        signum, self.pending = self.pending, None
+        if signum is not None and raise_pending:
+            raise StageInterrupted(f"stage interrupted by signal {signal.Signals(signum).name}")
+
+    def raise_if_swallowed(self) -> None:
+        if self.received is not None:
+            raise StageInterrupted(f"stage interrupted by signal {signal.Signals(self.received).name} "
+                                   "(the interruption was swallowed inside the stage, which then went on)")
+
+    def _start_watchdog(self, signum: int) -> None:
+        import threading
+
+        grace = float(os.environ.get(INTERRUPT_GRACE_ENV, "60"))
+        threading.Thread(target=self._watch, args=(signum, grace), daemon=True, name="sst-lab-interrupt").start()
+
+    def _watch(self, signum: int, grace: float) -> None:
+        if self.closed.wait(grace):
+            return
+        name = signal.Signals(signum).name
+        message = (f"StageInterrupted: stage interrupted by signal {name}; still running {grace:g} s later "
+                   f"(the interruption was swallowed), so the process was ended")
+        try:
+            if self.run_id is not None:
+                import mlflow
+
+                client = mlflow.MlflowClient(tracking_uri=self.uri)
+                client.set_tag(self.run_id, "error", message)
+                client.set_terminated(self.run_id, status="FAILED")
+        finally:
+            print(f"[sst-lab] run FAILED: {message}", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
 
 
 def _plain(obj: Any) -> Any:
