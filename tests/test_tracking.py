@@ -94,6 +94,33 @@ def test_non_finite_metric_is_refused(tmp_path):
     assert _only_run(uri, "s3").info.status == "FAILED"
 
 
+def test_buffered_metrics_keep_their_steps_and_reach_a_failed_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(RuntimeError, match="crash at step 5"):
+        with stage_run(stage="train", study="s6", config={}, tags={"role": "utility"}, run_name="t",
+                       tracking_uri=uri, metrics_flush_seconds=3600) as run:
+            buffer = run.metric_buffer()
+            for step in range(1, 6):
+                buffer.log({"train/loss": 10.0 / step}, step=step)
+            assert _client(uri).get_metric_history(run.run_id, "train/loss") == []  # still in memory
+            with pytest.raises(TrackingError, match="finite"):
+                buffer.log({"train/loss": float("nan")}, step=6)  # refused at once, not at the flush
+            raise RuntimeError("crash at step 5")
+    r = _only_run(uri, "s6")
+    assert r.info.status == "FAILED"
+    history = _client(uri).get_metric_history(r.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 10.0 / s) for s in range(1, 6)]
+
+
+def test_metric_buffer_flushes_on_its_interval(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with stage_run(stage="train", study="s7", config={}, tags={"role": "utility"}, run_name="t",
+                   tracking_uri=uri, metrics_flush_seconds=0) as run:
+        buffer = run.metric_buffer()
+        buffer.log({"train/loss": 1.0}, step=1)
+        assert [m.step for m in _client(uri).get_metric_history(run.run_id, "train/loss")] == [1]
+
+
 _CHILD = textwrap.dedent("""
     import sys, time
     from sst_lab.tracking.run import stage_run
@@ -145,7 +172,7 @@ _LOOP_CHILD = textwrap.dedent("""
     for i in range(10_000):  # most of each cycle is spent inside start_run / end_run
         with stage_run(stage="merge", study=sys.argv[2], config={"i": i}, tags={"role": "merged"},
                        run_name=f"r{i}", tracking_uri=sys.argv[1]) as run:
-            run.log_metrics({"m": float(i)}, synchronous=False)
+            run.metric_buffer().log({"m": float(i)}, step=i)  # flushed while the run closes
         if i == 0:
             print("ready", flush=True)
 """)

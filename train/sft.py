@@ -39,7 +39,7 @@ def main(argv=None) -> int:
                      "tracking": to_dict(tracking)})
     tags = {"base_model": model, "role": args.role, "sample_size": size, "seed": training_args.seed}
     with stage_run(stage="train", study=tracking.study, config=config, tags=tags, run_name=run_name,
-                   tracking_uri=tracking.tracking_uri) as run:
+                   tracking_uri=tracking.tracking_uri, metrics_flush_seconds=tracking.metrics_flush_seconds) as run:
         result = train_adapter(args, training_args, model_args, run, config)
     if run.enabled:
         print(f"run_id: {run.run_id}\nadapter: {result.adapter_dir.resolve()}")
