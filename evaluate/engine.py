@@ -63,6 +63,7 @@ class HFEngine:
             tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.batch_size, self.static_cache = batch_size, static_cache
+        self.load_tags: dict[str, str] = {}  # which weights were loaded (see sst_lab.models.load_for_inference)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_id = gen_eos if gen_eos is not None else tokenizer.eos_token_id
         self.device = next(model.parameters()).device
@@ -72,9 +73,11 @@ class HFEngine:
              device: str | None = None, batch_size: int = 16, static_cache: bool = False) -> "HFEngine":
         from sst_lab.models import load_for_inference
 
-        model, tok = load_for_inference(base_model, adapter_path, dtype=dtype, device=device)
+        model, tok, tags = load_for_inference(base_model, adapter_path, dtype=dtype, device=device)
         name = base_model if adapter_path is None else f"{base_model}+{adapter_path}"
-        return cls(model, tok, name=name, batch_size=batch_size, static_cache=static_cache)
+        engine = cls(model, tok, name=name, batch_size=batch_size, static_cache=static_cache)
+        engine.load_tags = tags
+        return engine
 
     # ------------------------------------------------------------------------ rendering
     def render(self, conversation: Conversation) -> list[int]:

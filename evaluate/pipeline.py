@@ -247,6 +247,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     except ModelError as exc:
         raise ModelError(f"model {plan.base_model!r}, adapter {plan.adapter.ref if plan.adapter else None!r}: "
                          f"{exc}") from exc
+    run.set_tags(engine.load_tags)
     rows: dict[str, list[dict]] = {}
     for suite in loaded:
         t = time.perf_counter()

@@ -25,7 +25,7 @@ from sst_lab.io import atomic_dir, write_json_atomic
 from sst_lab.merge.lora import AdapterWeights, plan_merge, read_adapter, refactorise, write_adapter
 from sst_lab.merge.methods import MethodParams, ModuleInputs, available_methods, get_method, run_method
 from sst_lab.merge.sst import global_k_budget, solve_gevp
-from sst_lab.models import resolve_model_path
+from sst_lab.models import ModelError, check_adapter_base, local_model_dir, resolve_model_path, write_base_record
 from sst_lab.tracking.lineage import Upstream, resolve
 
 FISHER_METHODS = ("sst", "sst_diag")
@@ -116,6 +116,12 @@ def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -
     if args.base_model and declared and resolve_model_path(args.base_model) != declared \
             and Path(args.base_model).name != Path(declared).name:
         raise ConfigError(f"base_model {args.base_model!r} differs from the adapters' base {declared!r}")
+    base_path = resolve_model_path(base)
+    for field_name, upstream in (("utility_adapter", up_u), ("safety_adapter", up_s)):
+        try:
+            check_adapter_base(str(upstream.path), base_path)
+        except ModelError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from None
     return Inputs(up_u, up_s, u, s, base)
 
 
@@ -158,11 +164,7 @@ def base_weight_norms(base_model: str, names: list[str]) -> dict[str, float]:
     """Frobenius norms of the base weights of the adapted modules, read lazily from safetensors."""
     from safetensors import safe_open
 
-    path = Path(resolve_model_path(base_model))
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(base_model, allow_patterns=["*.safetensors", "*.json"]))
+    path = local_model_dir(base_model)
     wanted = {f"{n}.weight": n for n in names}
     norms: dict[str, float] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -244,6 +246,7 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
             lineage_items = (_items(inputs.utility.path) + _items(inputs.safety.path) + fisher_items)
             write_json_atomic(tmp / "training_items.json", _dedup(lineage_items))
             write_json_atomic(tmp / "merge_report.json", report)
+            base_record = write_base_record(tmp, inputs.base_model)
             import yaml
 
             (tmp / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
@@ -252,6 +255,7 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         run.log_metrics(metrics)
         run.log_artifacts(out_dir, "adapter")
         run.log_json(report, "merge_report.json")
+        run.set_tags({"base_weights_fingerprint": base_record["weights_fingerprint"]})
         _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
     return MergeOutcome(out_dir, report, metrics)
 

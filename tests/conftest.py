@@ -78,3 +78,21 @@ def trained(world, store, tmp_path_factory) -> Trained:
     return Trained(utility_run=ids["utility"]["run_id"], safety_run=ids["safety"]["run_id"],
                    utility_adapter=Path(ids["utility"]["adapter"]), safety_adapter=Path(ids["safety"]["adapter"]),
                    stdout=logs)
+
+
+@pytest.fixture(scope="session")
+def rebuilt_base(world, tmp_path_factory) -> Path:
+    """The tiny world's base model as a rebuild would leave it: same folder name, same architecture
+    and tokenizer, slightly different weights (an adapter trained on the original must not load)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("rebuilt") / Path(world.model).name
+    shutil.copytree(world.model, folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder

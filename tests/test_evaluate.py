@@ -16,6 +16,7 @@ from conftest import REPO, parse_outputs, run_stage
 from sst_lab.evaluate.comparison import ComparisonError, compare_runs, compare_tables
 from sst_lab.evaluate.pipeline import TrainingOverlapError, check_training_overlap
 from sst_lab.evaluate.suites import (SuiteError, infer, load_items, load_suite, parse_suite, suite_metrics)
+from sst_lab.models import weights_fingerprint
 
 DEMO = ["--config", "configs/evaluate/tiny.yaml"]
 
@@ -286,6 +287,8 @@ def test_metrics_tables_and_tags_land_in_mlflow(evaluated, trained, store, tmp_p
         assert t["judges"] == "refusal_keyword,guard:tiny-world-guard" and t["preset"] == "full"
         n = m["safety/harmful-demo/n"]
         assert n == 100 and m["utility/task-demo/n"] == 100
+        assert t["base_weights_fingerprint"] == weights_fingerprint("tiny-world")
+        assert t.get("adapter_base_verified", "no adapter") == ("no adapter" if role == "base" else "true")
         for name in ("refusal_rate", "harmful_rate", "judge_disagreement", "empty_rate"):
             value = m[f"safety/harmful-demo/{name}"]
             assert m[f"safety/harmful-demo/{name}_ci_low"] <= value <= m[f"safety/harmful-demo/{name}_ci_high"]
@@ -369,3 +372,9 @@ def test_bad_inputs_fail_the_run_naming_the_culprit(trained, store, world, tmp_p
     run = _expect_failed_run(store, "tests-eval-bad", "suite leak.*were trained on", "--suites", leak,
                              "--adapter", trained.utility_run)
     assert "utility-train-" in run.data.tags["error"] and trained.utility_run in run.data.tags["error"]
+
+
+def test_adapter_on_a_rebuilt_base_with_other_weights_is_refused(trained, store, rebuilt_base):
+    """Same path name and architecture, other weights: only the recorded fingerprint can tell."""
+    _expect_failed_run(store, "tests-eval-bad", r"other weights .*sst_lab_base\.json", "--suites", "task-demo",
+                       "--model", str(rebuilt_base), "--adapter", trained.utility_run)

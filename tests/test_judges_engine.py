@@ -129,7 +129,8 @@ def test_length_sorted_batches():
 def tiny(world):
     from sst_lab.models import load_for_inference
 
-    model, tok = load_for_inference(str(world.model), dtype="float32", device="cpu")
+    model, tok, tags = load_for_inference(str(world.model), dtype="float32", device="cpu")
+    assert len(tags["base_weights_fingerprint"]) == 32 and "adapter_base_verified" not in tags
     return model, tok
 
 

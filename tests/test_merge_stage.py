@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import run_stage
+from sst_lab.config import ConfigError
 from sst_lab.merge.lora import read_adapter
+from sst_lab.models import weights_fingerprint
 
 METHODS = {
     "sst": ["--k", "16", "--alpha", "1.0"],
@@ -67,6 +69,9 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
     arts = {a.path for a in mlflow.MlflowClient(tracking_uri=store).list_artifacts(run_id)}
     assert {"adapter", "merge_report.json", "plots"} <= arts
+    fingerprint = weights_fingerprint("tiny-world")
+    assert tags["base_weights_fingerprint"] == fingerprint
+    assert json.loads((out / "sst_lab_base.json").read_text())["weights_fingerprint"] == fingerprint
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -144,6 +149,11 @@ def test_mismatched_adapters_fail_with_the_module_list(trained, store, world, tm
     client = mlflow.MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("tests-merge-bad")
     assert client.search_runs([exp.experiment_id])[0].info.status == "FAILED"
+
+
+def test_adapters_trained_on_other_weights_are_refused(trained, store, tmp_path, rebuilt_base):
+    with pytest.raises(ConfigError, match=r"utility_adapter: .*other weights .*sst_lab_base\.json"):
+        merge_in_process(trained, store, tmp_path, "linear", "--base_model", str(rebuilt_base))
 
 
 def test_bad_fisher_data_fails_clearly(trained, store, tmp_path):

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from conftest import REPO, run_stage
+from sst_lab.models import weights_fingerprint
 
 
 def _run(store, run_id):
@@ -40,6 +41,8 @@ def test_train_run_is_recorded_completely(trained, store, world, role, tmp_path)
     items = json.loads((local / "training_items.json").read_text())
     assert len(items) == metrics["train/n_items"] and {"id", "prompt_sha"} <= set(items[0])
     assert (local / "resolved_config.yaml").is_file()
+    base = json.loads((local / "sst_lab_base.json").read_text())
+    assert base["weights_fingerprint"] == tags["base_weights_fingerprint"] == weights_fingerprint("tiny-world")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,8 @@ import yaml
 from sst_lab.config import ConfigError
 from sst_lab.data import load_training_records, training_items
 from sst_lab.io import atomic_dir, write_json_atomic
-from sst_lab.models import ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path
+from sst_lab.models import (ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path,
+                            write_base_record)
 
 ROLES = ("utility", "safety", "other")
 
@@ -114,8 +115,9 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
                 f.replace(tmp / f.name)
             staging.rmdir()
             write_json_atomic(tmp / "training_items.json", training_items(records))
+            base = write_base_record(tmp, model_args.model_name_or_path, model_args.model_revision)
             (tmp / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         run.log_metrics(metrics)
         run.log_artifacts(final, "adapter")
-        run.set_tags({"adapter_path": str(final.resolve())})
+        run.set_tags({"adapter_path": str(final.resolve()), "base_weights_fingerprint": base["weights_fingerprint"]})
     return TrainResult(adapter_dir=final, n_items=len(records), metrics=metrics)
