@@ -26,8 +26,7 @@ import pytest
 import yaml
 
 from conftest import REPO, stage_env
-from test_study import FAKE_STAGE, fake_study, finished_per_node, run_sweep, study_runs
-from sst_lab.tracking import study as st
+from test_study import fake_study, finished_per_node, run_sweep, study_runs, write_fake_stages
 
 
 def _pg_bin() -> Path | None:
@@ -115,13 +114,7 @@ def server(postgres_uri, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fakes_pg(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("fake_stages_pg")
-    for stage in st.PIPELINE:
-        (d / f"{stage}.py").write_text(FAKE_STAGE)
-    (d / "model.yaml").write_text("model_name_or_path: fake-org/fake-model\n")
-    (d / "utility.yaml").write_text("role: utility\n")
-    (d / "safety.yaml").write_text("role: safety\n")
-    return {"dir": d, "specs": {s: st.StageSpec(str(d / f"{s}.py"), st.STAGE_SPECS[s].output_dir) for s in st.PIPELINE}}
+    return write_fake_stages(tmp_path_factory.mktemp("fake_stages_pg"))
 
 
 def test_parallel_stage_processes_through_a_postgres_backed_server(server, fakes_pg, tmp_path):

@@ -92,7 +92,11 @@ FAKE_STAGE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("fake_stages")
+    return write_fake_stages(tmp_path_factory.mktemp("fake_stages"))
+
+
+def write_fake_stages(d: Path) -> dict:
+    """A fake script per stage (FAKE_STAGE) and the configs a fake study names, in folder ``d``."""
     for stage in st.PIPELINE:
         (d / f"{stage}.py").write_text(FAKE_STAGE)
     (d / "model.yaml").write_text("model_name_or_path: fake-org/fake-model\n")
