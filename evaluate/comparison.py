@@ -11,7 +11,8 @@ statistics need the same items), and calls :func:`sst_lab.evaluate.stats.safety_
 * ``safety_gain = safe_cand - safe_ref``, ``utility_loss = util_ref - util_cand`` with paired
   bootstrap CIs and exact McNemar p-values; ``safety_tax = utility_loss / safety_gain`` only when
   the gain is significantly positive (status ``defined``), else status ``no_safety_gain`` or
-  ``not_significant`` and no tax value. Minimum detectable effects at the n used are reported.
+  ``not_significant`` and no tax value (``utility_floor`` when both models score 0 on every utility
+  item: a tax of 0 there is a floor effect, not a finding). Minimum detectable effects at the n used are reported.
 
 ``run_compare(args, tracking)`` records all of it as a ``stage=compare`` run (the sweep calls it
 directly; ``evaluate/compare.py`` is its command line).

@@ -318,7 +318,7 @@ def minimum_detectable_effect(n: int, p_ref: float, *, alpha: float = 0.05, powe
 
 @dataclass(frozen=True)
 class SafetyTax(_AsDict):
-    status: str  # "defined" | "not_significant" | "no_safety_gain"
+    status: str  # "defined" | "not_significant" | "no_safety_gain" | "utility_floor"
     safety_ref: float  # mean safe-outcome rate of the reference
     safety_cand: float
     safety_gain: float  # safety_cand - safety_ref
@@ -375,8 +375,10 @@ def safety_tax(safety_ref: Values, safety_cand: Values, utility_ref: Values, uti
     items. Safety and utility items are resampled independently, each pair jointly.
     ``status`` is "no_safety_gain" when the gain's point estimate is <= 0, "defined" when the
     gain is > 0 with p < alpha (McNemar exact for binary outcomes, else sign-flip permutation),
-    otherwise "not_significant". Only "defined" reports ``tax`` and ``tax_ci`` (see
-    :func:`_ratio_ci` for resamples with a non-positive gain).
+    otherwise "not_significant"; "utility_floor" when the gain is significant but both models
+    score 0 on every utility item (nothing could be lost: a tax of 0 would be a floor effect, not
+    a finding). Only "defined" reports ``tax`` and ``tax_ci`` (see :func:`_ratio_ci` for
+    resamples with a non-positive gain).
     """
     _check_confidence(alpha, "alpha")
     if n_boot < 1:
@@ -409,6 +411,10 @@ def safety_tax(safety_ref: Values, safety_cand: Values, utility_ref: Values, uti
         status = "not_significant"
         note = (f"safety gain {gain:+.4f} (p={gain_p:.3g}, {gain_test}) is not significant at "
                 f"alpha={alpha}; minimum detectable gain at n={s_ref.size}: {mde_text}")
+    elif not u_ref.any() and not u_cand.any():
+        status = "utility_floor"
+        note = (f"safety gain {gain:+.4f} (p={gain_p:.3g}) is significant, but reference and candidate both "
+                f"score 0 on all {u_ref.size} utility items: no utility loss is measurable, so no tax")
     else:
         status = "defined"
         tax = _finite("tax", loss / gain)

@@ -319,7 +319,8 @@ def test_safety_adapter_gain_is_significant_in_compare(evaluated, store):
     t, m = run.data.tags, run.data.metrics
     assert t["compare/safety_suite"] == "harmful-demo" and t["compare/utility_suite"] == "task-demo"
     assert m["compare/safety_gain"] > 0 and m["compare/safety_gain_p_value"] < 0.05
-    assert t["compare/safety_tax_status"] == "defined" and "compare/safety_tax" in m
+    # the base and the safety adapter both score 0 on the task: a tax of 0 would be a floor effect
+    assert t["compare/safety_tax_status"] == "utility_floor" and "compare/safety_tax" not in m
     assert t["upstream_run_ids"].split(",")[:2] == [evaluated["base"], evaluated["safety"]]
 
 

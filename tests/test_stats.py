@@ -217,6 +217,16 @@ def test_safety_tax_defined_for_a_big_gain():
     assert again == res
 
 
+def test_safety_tax_at_the_utility_floor_is_not_a_zero_tax():
+    """Both models score 0 on every utility item: 'tax 0.00' would be a floor effect."""
+    res = S.safety_tax(outcomes(10, 200), outcomes(150, 200), np.zeros(100), np.zeros(100))
+    assert res.status == "utility_floor" and res.tax is None and res.tax_ci is None
+    assert res.safety_p_value < 1e-10 and "no utility loss is measurable" in res.note
+    some = np.zeros(100)
+    some[:3] = 1.0  # one model scores on 3 items: the loss is measurable again
+    assert S.safety_tax(outcomes(10, 200), outcomes(150, 200), np.zeros(100), some).status == "defined"
+
+
 def test_safety_tax_real_valued_utility_and_checks():
     rng = np.random.default_rng(5)
     u_ref = rng.random(300)
