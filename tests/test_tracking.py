@@ -179,17 +179,20 @@ _LOOP_CHILD = textwrap.dedent("""
 
 
 def test_sigterm_at_any_moment_never_leaves_a_run_running(tmp_path):
-    """SIGTERM landing while a run is being created or ended (not only inside the stage body)."""
+    """SIGTERM landing while a run is being created or ended (not only inside the stage body).
+
+    About a third of the signals land inside a run (the rest in stage_run's set-up: git, store),
+    so signals are sent until 4 did (at most 40 attempts); 8 attempts usually suffice."""
     import random
+    import time
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rng = random.Random(0)
-    for attempt in range(16):
+    interrupted: list = []
+    for attempt in range(40):
         proc = subprocess.Popen([sys.executable, "-c", _LOOP_CHILD, uri, "loop"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        import time
-
         time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -199,7 +202,8 @@ def test_sigterm_at_any_moment_never_leaves_a_run_running(tmp_path):
         assert "RUNNING" not in {r.info.status for r in runs}, (attempt, err[-3000:])
         interrupted = [r for r in runs if r.info.status == "FAILED"]
         assert all("SIGTERM" in r.data.tags["error"] for r in interrupted)
-    # about a third of the signals land inside a run (the rest in stage_run's set-up: git, store)
+        if len(interrupted) >= 4:
+            break
     assert interrupted, "no signal landed inside a run: the test did not exercise the guard"
 
 
