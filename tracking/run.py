@@ -209,6 +209,12 @@ class StageRun:
     tags: dict[str, str] = field(default_factory=dict)
     metrics_flush_seconds: float = 10.0
     _buffers: list["MetricBuffer"] = field(default_factory=list, repr=False)
+    _guard: "_InterruptGuard | None" = field(default=None, repr=False)
+
+    def store_call(self) -> contextlib.AbstractContextManager:
+        """Hold SIGTERM/SIGINT during a store call: one interrupted inside SQLAlchemy can leave a
+        sqlite statement open whose lock then blocks recording the run as FAILED."""
+        return self._guard.deferred() if self._guard is not None else contextlib.nullcontext()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite numbers under valid names; anything else is an error, never a placeholder."""
@@ -216,7 +222,8 @@ class StageRun:
         if self.enabled and clean:
             import mlflow
 
-            mlflow.log_metrics(clean, step=step)
+            with self.store_call():
+                mlflow.log_metrics(clean, step=step)
 
     def metric_buffer(self) -> "MetricBuffer":
         """Metrics collected in memory and written in one batch every ``metrics_flush_seconds``
@@ -233,26 +240,30 @@ class StageRun:
         if self.enabled:
             import mlflow
 
-            mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
+            with self.store_call():
+                mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
             self.tags.update({k: str(v) for k, v in tags.items()})
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_dict(redact(obj), artifact_file)
+            with self.store_call():
+                mlflow.log_dict(redact(obj), artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_artifacts(str(local_dir), artifact_path)
+            with self.store_call():
+                mlflow.log_artifacts(str(local_dir), artifact_path)
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_artifact(str(local_file), artifact_path)
+            with self.store_call():
+                mlflow.log_artifact(str(local_file), artifact_path)
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Per-item results as an MLflow table artifact (``.json``), shown in the UI's evaluation view."""
@@ -260,7 +271,9 @@ class StageRun:
             import mlflow
             import pandas as pd
 
-            mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
+            frame = pd.DataFrame(rows)
+            with self.store_call():
+                mlflow.log_table(frame, artifact_file=artifact_file)
 
     def log_dataset(self, records: list[dict[str, Any]], *, name: str, source: str, context: str) -> None:
         """``mlflow.log_input`` with name, source path, digest, split (context) and row count."""
@@ -272,7 +285,8 @@ class StageRun:
         flat = [{k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, sort_keys=True)
                  for k, v in r.items()} for r in records]
         ds = mlflow.data.from_pandas(pd.DataFrame(flat), source=source, name=name)
-        mlflow.log_input(ds, context=context, tags={"rows": str(len(records))})
+        with self.store_call():
+            mlflow.log_input(ds, context=context, tags={"rows": str(len(records))})
 
 
 def _checked_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -325,8 +339,9 @@ class MetricBuffer:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=self.run.tracking_uri)
-        for i in range(0, len(points), 1000):  # MLflow's per-batch metric limit
-            client.log_batch(self.run.run_id, metrics=points[i:i + 1000])
+        with self.run.store_call():
+            for i in range(0, len(points), 1000):  # MLflow's per-batch metric limit
+                client.log_batch(self.run.run_id, metrics=points[i:i + 1000])
 
 
 def _params_from_config(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
@@ -402,11 +417,13 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
                     run = mlflow.start_run(run_id=resume_run_id, run_name=run_name, tags=all_tags)
                 guard.run_id = run.info.run_id
             handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
-                              tracking_uri=uri, tags=dict(all_tags), metrics_flush_seconds=metrics_flush_seconds)
-            items = list(params.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
-            mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
+                              tracking_uri=uri, tags=dict(all_tags), metrics_flush_seconds=metrics_flush_seconds,
+                              _guard=guard)
+            with guard.deferred():
+                items = list(params.items())
+                for i in range(0, len(items), 100):
+                    mlflow.log_params(dict(items[i:i + 100]))
+                mlflow.log_text(yaml.safe_dump(redact(_plain(config)), sort_keys=False), "config/resolved_config.yaml")
             yield handle
             guard.raise_if_swallowed()
             handle.flush()
@@ -449,6 +466,7 @@ def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
     import mlflow
 
     text = redact_text("".join(traceback.format_exception(exc)))
+    _release_store_locks(exc)
     client = mlflow.MlflowClient()
     try:
         if before is not None:
@@ -465,6 +483,33 @@ def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
         else:  # mlflow already dropped it from its stack (e.g. an error inside end_run)
             client.set_terminated(run_id, status="FAILED")
     print(f"[sst-lab] run FAILED: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+
+
+def _release_store_locks(exc: BaseException) -> None:
+    """Close what an interrupted store call left open before the run is recorded FAILED.
+
+    A signal raised inside a SQLAlchemy read (e.g. a stage's own ``MlflowClient().get_run``)
+    leaves the sqlite cursor alive in the traceback's frames, and its SHARED lock makes every
+    write of this process wait and fail ("database is locked"). Clearing the finished frames of
+    the exception chain drops the cursor; disposing the store's engine closes its connections.
+    """
+    import gc
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+    gc.collect()
+    try:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        engine = getattr(_get_store(), "engine", None)
+        if engine is not None:
+            engine.dispose()
+    except Exception as dispose_exc:  # noqa: BLE001 - best effort: the writes below report any real problem
+        print(f"[sst-lab] could not reset the store's connections: {dispose_exc}", file=sys.stderr)
 
 
 INTERRUPT_GRACE_ENV = "SST_LAB_INTERRUPT_GRACE_SECONDS"
