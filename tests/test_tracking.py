@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import mlflow
 import pytest
 
 from sst_lab.redact import REDACTED, redact, redact_text
 from sst_lab.tracking.run import TrackingError, config_id, flatten, stage_run
+from sst_lab.tracking.study import _wait_group
 
 
 def _client(uri):
@@ -168,11 +170,13 @@ def test_non_main_rank_opens_no_run(tmp_path, monkeypatch):
 
 _LOOP_CHILD = textwrap.dedent("""
     import sys
+    import mlflow
     from sst_lab.tracking.run import stage_run
     for i in range(10_000):  # most of each cycle is spent inside start_run / end_run
         with stage_run(stage="merge", study=sys.argv[2], config={"i": i}, tags={"role": "merged"},
                        run_name=f"r{i}", tracking_uri=sys.argv[1]) as run:
             run.metric_buffer().log({"m": float(i)}, step=i)  # flushed while the run closes
+            mlflow.MlflowClient(sys.argv[1]).get_run(run.run_id)  # a stage's own store read (lineage)
         if i == 0:
             print("ready", flush=True)
 """)
@@ -184,19 +188,19 @@ def test_sigterm_at_any_moment_never_leaves_a_run_running(tmp_path):
     About a third of the signals land inside a run (the rest in stage_run's set-up: git, store),
     so signals are sent until 4 did (at most 40 attempts); 8 attempts usually suffice."""
     import random
-    import time
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rng = random.Random(0)
     interrupted: list = []
     for attempt in range(40):
         proc = subprocess.Popen([sys.executable, "-c", _LOOP_CHILD, uri, "loop"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0, err
+        _wait_group(proc.pid)  # as a sweep does: a helper may record the failure after the stage exited
         client = _client(uri)
         runs = client.search_runs([client.get_experiment_by_name("loop").experiment_id], max_results=50_000)
         assert "RUNNING" not in {r.info.status for r in runs}, (attempt, err[-3000:])
@@ -205,6 +209,34 @@ def test_sigterm_at_any_moment_never_leaves_a_run_running(tmp_path):
         if len(interrupted) >= 4:
             break
     assert interrupted, "no signal landed inside a run: the test did not exercise the guard"
+
+
+_LOCKED_CHILD = textwrap.dedent("""
+    import sqlite3, sys
+    from sst_lab.tracking.run import stage_run
+    with stage_run(stage="train", study=sys.argv[2], config={"x": 1}, tags={"role": "utility"},
+                   run_name="locked", tracking_uri=sys.argv[1]) as run:
+        hold = sqlite3.connect(sys.argv[3])  # stands for a store call interrupted with its lock held
+        hold.execute("BEGIN EXCLUSIVE")
+        raise RuntimeError("boom while holding a lock")
+""")
+
+
+def test_a_stage_that_cannot_write_its_failure_has_it_recorded_after_exit(tmp_path):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    proc = subprocess.run([sys.executable, "-c", _LOCKED_CHILD, uri, "locked", str(db)], capture_output=True,
+                          text=True, timeout=600, start_new_session=True)
+    assert proc.returncode != 0 and "boom while holding a lock" in proc.stderr
+    assert "recorded FAILED by a helper process" in proc.stderr, proc.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while _only_run(uri, "locked").info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    r = _only_run(uri, "locked")
+    assert r.info.status == "FAILED" and "boom while holding a lock" in r.data.tags["error"]
+    local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="error.txt", tracking_uri=uri,
+                                                dst_path=str(tmp_path / "dl"))
+    assert "recorded after the stage process exited" in open(local).read()
 
 
 _SWALLOW_CHILD = textwrap.dedent("""

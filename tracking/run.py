@@ -462,27 +462,99 @@ def _in_main_thread() -> bool:
 
 def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
     """Record the (redacted) error and end ``run_id`` FAILED; never mask the original error.
-    ``before`` (the run's metric flush) runs first; its own failure is reported, not raised."""
+
+    ``before`` (the run's metric flush) runs first. If this process cannot write to the store
+    (a lock left by an interrupted store call of its own), a helper process of the same process
+    group records the failure as soon as this one has exited (a sweep waits for the group)."""
     import mlflow
 
+    tag = redact_text(f"{type(exc).__name__}: {exc}")[:5000]
     text = redact_text("".join(traceback.format_exception(exc)))
     _release_store_locks(exc)
-    client = mlflow.MlflowClient()
     try:
         if before is not None:
-            try:
-                before()
-            except Exception as flush_exc:  # noqa: BLE001 - the original error matters more
-                text += f"\n(buffered metrics could not be written: {type(flush_exc).__name__}: {flush_exc})\n"
+            before()
+        client = mlflow.MlflowClient()
         client.log_text(run_id, text, "error.txt")
-        client.set_tag(run_id, "error", redact_text(f"{type(exc).__name__}: {exc}")[:5000])
-    finally:
+        client.set_tag(run_id, "error", tag)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run_id:
             mlflow.end_run(status="FAILED")
         else:  # mlflow already dropped it from its stack (e.g. an error inside end_run)
             client.set_terminated(run_id, status="FAILED")
-    print(f"[sst-lab] run FAILED: {redact_text(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+    except Exception as write_exc:  # noqa: BLE001 - the original error is re-raised by the caller
+        _forget_active_run(run_id)  # mlflow's atexit hook would otherwise end it FINISHED
+        note = f"\n(recorded after the stage process exited: it could not write: {type(write_exc).__name__}: " \
+               f"{str(write_exc)[:500]})\n"
+        _record_failure_after_exit(run_id, text + redact_text(note), tag)
+    print(f"[sst-lab] run FAILED: {tag}", file=sys.stderr)
+
+
+def _forget_active_run(run_id: str) -> None:
+    from mlflow.tracking import fluent
+
+    try:
+        stack = fluent._active_run_stack.get()
+        if stack and stack[-1].info.run_id == run_id:
+            stack.pop()
+    except Exception as exc:  # noqa: BLE001 - private MLflow state; say so if it moved
+        print(f"[sst-lab] could not drop run {run_id} from mlflow's active-run stack: {exc}", file=sys.stderr)
+
+
+def _record_failure_after_exit(run_id: str, text: str, tag: str) -> None:
+    """Start ``python -m sst_lab.tracking.run --record-failure`` in this process group."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="sst-lab-failure-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"uri": _current_uri(), "run_id": run_id,
+                   "pid": os.getpid(), "text": text, "tag": tag}, fh)
+    subprocess.Popen([sys.executable, "-m", "sst_lab.tracking.run", "--record-failure", path],
+                     stdin=subprocess.DEVNULL, close_fds=True)
+    print(f"[sst-lab] the store refused this process's writes; run {run_id} is recorded FAILED by a helper "
+          "process once this one has exited", file=sys.stderr)
+
+
+def _current_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _process_gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
+def _record_failure(path: str, timeout: float = 3600.0) -> int:
+    """The helper: wait for the stage process to exit (its locks go with it), then record FAILED."""
+    import time
+
+    import mlflow
+
+    job = json.loads(Path(path).read_text())
+    deadline = time.monotonic() + timeout
+    while not _process_gone(job["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client = mlflow.MlflowClient(tracking_uri=job["uri"])
+    try:
+        client.log_text(job["run_id"], job["text"], "error.txt")
+    finally:
+        client.set_tag(job["run_id"], "error", job["tag"])
+        client.set_terminated(job["run_id"], status="FAILED")
+        Path(path).unlink(missing_ok=True)
+    return 0
 
 
 def _release_store_locks(exc: BaseException) -> None:
@@ -608,3 +680,6 @@ def _plain(obj: Any) -> Any:
         return obj
     return str(obj)
 
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--record-failure":
+    sys.exit(_record_failure(sys.argv[2]))
