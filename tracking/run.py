@@ -430,7 +430,7 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
         except BaseException as exc:
             if guard.run_id is not None:
                 with guard.deferred(raise_pending=False):  # the run is closing FAILED already
-                    _fail(exc, guard.run_id, before=handle.flush if handle is not None else None)
+                    _fail(exc, guard.run_id, uri, before=handle.flush if handle is not None else None)
             raise
         else:
             with guard.deferred():  # a signal now is acted on once the run is FINISHED
@@ -460,7 +460,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
+def _fail(exc: BaseException, run_id: str, uri: str, before: Any = None) -> None:
     """Record the (redacted) error and end ``run_id`` FAILED; never mask the original error.
 
     ``before`` (the run's metric flush) runs first. If this process cannot write to the store
@@ -474,7 +474,7 @@ def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
     try:
         if before is not None:
             before()
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking_uri=uri)
         client.log_text(run_id, text, "error.txt")
         client.set_tag(run_id, "error", tag)
         active = mlflow.active_run()
@@ -486,7 +486,7 @@ def _fail(exc: BaseException, run_id: str, before: Any = None) -> None:
         _forget_active_run(run_id)  # mlflow's atexit hook would otherwise end it FINISHED
         note = f"\n(recorded after the stage process exited: it could not write: {type(write_exc).__name__}: " \
                f"{str(write_exc)[:500]})\n"
-        _record_failure_after_exit(run_id, text + redact_text(note), tag)
+        _record_failure_after_exit(uri, run_id, text + redact_text(note), tag)
     print(f"[sst-lab] run FAILED: {tag}", file=sys.stderr)
 
 
@@ -501,33 +501,32 @@ def _forget_active_run(run_id: str) -> None:
         print(f"[sst-lab] could not drop run {run_id} from mlflow's active-run stack: {exc}", file=sys.stderr)
 
 
-def _record_failure_after_exit(run_id: str, text: str, tag: str) -> None:
+def _record_failure_after_exit(uri: str, run_id: str, text: str, tag: str) -> None:
     """Start ``python -m sst_lab.tracking.run --record-failure`` in this process group."""
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix="sst-lab-failure-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"uri": _current_uri(), "run_id": run_id,
-                   "pid": os.getpid(), "text": text, "tag": tag}, fh)
+        json.dump({"uri": uri, "run_id": run_id, "pid": os.getpid(), "text": text, "tag": tag}, fh)
     subprocess.Popen([sys.executable, "-m", "sst_lab.tracking.run", "--record-failure", path],
                      stdin=subprocess.DEVNULL, close_fds=True)
     print(f"[sst-lab] the store refused this process's writes; run {run_id} is recorded FAILED by a helper "
           "process once this one has exited", file=sys.stderr)
 
 
-def _current_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
+def proc_stat(stat: Path) -> list[str] | None:
+    """Fields of a ``/proc/<pid>/stat`` line after the command name (state, ppid, pgrp, ...);
+    None when the process is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _process_gone(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
     if Path("/proc/self").exists():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            return True
+        fields = proc_stat(Path(f"/proc/{pid}/stat"))
+        return fields is None or fields[0] == "Z"
     try:
         os.kill(pid, 0)
         return False
@@ -541,20 +540,28 @@ def _record_failure(path: str, timeout: float = 3600.0) -> int:
     """The helper: wait for the stage process to exit (its locks go with it), then record FAILED."""
     import time
 
-    import mlflow
-
     job = json.loads(Path(path).read_text())
     deadline = time.monotonic() + timeout
     while not _process_gone(job["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    client = mlflow.MlflowClient(tracking_uri=job["uri"])
     try:
-        client.log_text(job["run_id"], job["text"], "error.txt")
+        _mark_failed(job["uri"], job["run_id"], job["tag"], job["text"])
     finally:
-        client.set_tag(job["run_id"], "error", job["tag"])
-        client.set_terminated(job["run_id"], status="FAILED")
         Path(path).unlink(missing_ok=True)
     return 0
+
+
+def _mark_failed(uri: str, run_id: str, tag: str, text: str | None = None) -> None:
+    """Record a run FAILED from outside its stage's normal path (helper process, watchdog)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        if text is not None:
+            client.log_text(run_id, text, "error.txt")
+    finally:
+        client.set_tag(run_id, "error", tag)
+        client.set_terminated(run_id, status="FAILED")
 
 
 def _release_store_locks(exc: BaseException) -> None:
@@ -660,11 +667,7 @@ class _InterruptGuard:
                    f"(the interruption was swallowed), so the process was ended")
         try:
             if self.run_id is not None:
-                import mlflow
-
-                client = mlflow.MlflowClient(tracking_uri=self.uri)
-                client.set_tag(self.run_id, "error", message)
-                client.set_terminated(self.run_id, status="FAILED")
+                _mark_failed(self.uri, self.run_id, message)
         finally:
             print(f"[sst-lab] run FAILED: {message}", file=sys.stderr, flush=True)
             os._exit(128 + signum)

@@ -45,7 +45,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError, merge_config_files, read_yaml
 from sst_lab.redact import redact_text
-from sst_lab.tracking.run import REPO_ROOT, RUN_TAGS_ENV, resolve_tracking_uri
+from sst_lab.tracking.run import REPO_ROOT, RUN_TAGS_ENV, proc_stat, resolve_tracking_uri
 
 ROLES_EVAL = ("base", "utility", "safety", "merged")
 RESERVED_ARGS = {"seed", "output_dir", "study", "tracking_uri", "config", "adapter", "utility_adapter",
@@ -689,11 +689,8 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, PermissionError):
             return False
     for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        fields = proc_stat(stat)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
 
