@@ -144,6 +144,9 @@ def outcomes(rows: list[dict[str, Any]], column: str, *, invert: bool = False, w
         value = float(r[column])
         if value not in (0.0, 1.0):
             raise ComparisonError(f"{where}: item {r['id']} has {column}={r[column]!r}, expected 0 or 1")
+        if str(r["id"]) in out:
+            raise ComparisonError(f"{where}: item id {r['id']!r} appears more than once in the per-item table; "
+                                  "paired statistics need one row per item (give the suite's items unique ids)")
         out[str(r["id"])] = 1.0 - value if invert else value
     return out
 

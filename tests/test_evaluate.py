@@ -204,6 +204,14 @@ def test_comparison_needs_the_same_items():
         compare_tables(_safety_rows([1, 0]), _safety_rows([1, 0, 1]), _utility_rows([1]), _utility_rows([1]))
 
 
+def test_comparison_refuses_a_duplicated_item_id():
+    """Two rows with one id used to be collapsed silently (the last row won)."""
+    dup = _safety_rows([1, 0, 1])
+    dup[2]["id"] = dup[0]["id"]
+    with pytest.raises(ComparisonError, match=f"item id {dup[0]['id']!r} appears more than once"):
+        compare_tables(dup, dup, _utility_rows([1]), _utility_rows([1]))
+
+
 def _fake_eval_run(store, study, safety_refused, utility_correct, role, suite_version=1):
     from sst_lab.tracking.run import stage_run
 

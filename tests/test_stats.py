@@ -152,6 +152,23 @@ def test_t_interval_matches_scipy():
         S.t_interval([0.5])
 
 
+def test_paired_summary_treats_round_off_as_constant():
+    """0.62-0.52, 0.71-0.61, 0.55-0.45 are 0.1 up to round-off: no p = 3.5e-32 from a 3e-17 std."""
+    from sst_lab.tracking.aggregation import paired_summary
+
+    diffs = [0.62 - 0.52, 0.71 - 0.61, 0.55 - 0.45]
+    assert np.std(diffs, ddof=1) > 0  # the round-off the old code mistook for a spread
+    s = paired_summary(diffs)
+    assert s.constant and s.p_value is None and s.std == 0.0
+    assert s.ci_low == s.ci_high == pytest.approx(0.1) and s.n == 3
+    assert "p_value" not in s.as_metrics("x")
+    exact = paired_summary([0.0, 0.0])
+    assert exact.constant and exact.p_value is None and exact.mean == 0.0
+    real = paired_summary([0.1, 0.1 + 1e-6, 0.1 - 1e-6])  # a tiny but real spread keeps its test
+    assert not real.constant and real.p_value == pytest.approx(sps.ttest_1samp(
+        [0.1, 0.1 + 1e-6, 0.1 - 1e-6], 0.0).pvalue)
+
+
 def test_mde_inverts_sample_size_formulas():
     za, zb = sps.norm.ppf(0.975), sps.norm.ppf(0.8)
     p1, delta = 0.2, 0.05

@@ -11,7 +11,9 @@ intervals, p-values, ``/n`` counts and per-module merge statistics excepted) the
 ``aggregate.note`` says so). Groups of the same stage, role, model and sample size that differ
 only in the merge method are compared pairwise across their common seeds: in the aggregate run of
 method A, ``paired/<B>/<metric>/{mean,ci_low,ci_high,n,p_value}`` is the mean per-seed difference
-A - B with its t-interval and a paired t-test p-value (omitted when all differences are equal).
+A - B with its t-interval and a paired t-test p-value. When all per-seed differences are equal up
+to round-off (relative range <= ``CONSTANT_RTOL``) the std is 0, the interval has zero width, no
+p-value is logged, and the tag ``aggregate.constant_differences`` names those metrics.
 
 Rerunning reopens the group's existing aggregate run (found by the tags
 ``aggregate.group_stage`` + ``aggregate.group_config_id``) and updates it: one aggregate per
@@ -32,6 +34,7 @@ import numpy as np
 AGGREGATED_STAGES = ("train", "merge", "evaluate", "compare")
 SKIP_METRIC = re.compile(r"(_ci_low|_ci_high|p_value|/n|/n_[a-z_]+|^system/.*|^merge/module/.*)$")
 CONFIDENCE = 0.95
+CONSTANT_RTOL = 1e-9  # per-seed differences within this relative range count as constant
 COORDS = ("role", "model", "sample_size", "method")
 _UNSAFE = re.compile(r"[^/\w.\- ]+")
 
@@ -69,6 +72,7 @@ class Summary:
     ci_low: float | None = None
     ci_high: float | None = None
     p_value: float | None = None
+    constant: bool = False  # all values equal up to round-off (paired differences only)
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/mean": self.mean, f"{prefix}/n": float(self.n)}
@@ -93,15 +97,30 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
 
 
 def paired_summary(diffs: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
-    """Mean per-seed difference with its t-interval and a two-sided paired t-test p-value."""
+    """Mean per-seed difference with its t-interval and a two-sided paired t-test p-value.
+
+    Differences that are all equal up to floating-point round-off (spread within ``CONSTANT_RTOL``
+    of their magnitude: ``0.3 - 0.2`` and ``0.5 - 0.4`` differ in the 17th digit) are reported as
+    what they are: ``constant=True``, std 0 and a zero-width interval at the mean, and no p-value
+    (the t statistic is undefined; a round-off std would give p ~ 1e-32).
+    """
     from scipy import stats as sps
 
     arr = np.asarray(list(diffs), dtype=float)
     s = summarize(arr, confidence)
-    if s.n < 2 or not s.std:
-        return s  # all differences equal: the t statistic is undefined, no p-value is logged
+    if s.n < 2:
+        return s
+    if is_constant(arr):
+        mean = float(arr.mean())
+        return Summary(mean, s.n, 0.0, mean, mean, None, constant=True)
     p = float(sps.ttest_1samp(arr, 0.0).pvalue)
     return Summary(s.mean, s.n, s.std, s.ci_low, s.ci_high, p if math.isfinite(p) else None)
+
+
+def is_constant(values: np.ndarray) -> bool:
+    """All values equal up to round-off: their range is within ``CONSTANT_RTOL`` of their size."""
+    scale = max(float(np.max(np.abs(values))), np.finfo(float).tiny)
+    return float(np.ptp(values)) <= CONSTANT_RTOL * scale
 
 
 def aggregated_metric_names(metrics: Mapping[str, float]) -> list[str]:
@@ -274,6 +293,9 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
         if g.stage == "compare":
             statuses = [m.tags.get("compare/safety_tax_status", "none") for m in g.members]
             tags["aggregate.safety_tax_status"] = ",".join(f"{s}:{statuses.count(s)}" for s in sorted(set(statuses)))
+        constant = sorted(f"{o}/{k}" for o, r in pair.items() for k, v in r.items() if v.constant)
+        if constant:
+            tags["aggregate.constant_differences"] = ",".join(constant)[:5000]
         if len(olds) > 1:
             tags["aggregate.duplicates"] = ",".join(r.info.run_id for r in olds[1:])
         with stage_run(stage="aggregate", study=study, config={"aggregate": settings}, tags=tags,
