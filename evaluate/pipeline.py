@@ -47,6 +47,8 @@ class EvaluateArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto | float32 | bfloat16 | float16."})
     static_cache: bool = field(default=False, metadata={"help": "Static KV cache in generate (GPU + compile)."})
     seed: int = field(default=0, metadata={"help": "Recorded and set (greedy decoding does not sample)."})
+    calibration_runs: list[str] = field(default_factory=list, metadata={
+        "help": "Calibrate run ids of the judges used; a judge not listed links its latest FINISHED calibration."})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Local copy of tables and metrics (default outputs/<study>/<run_name>-<run id>)."})
@@ -134,6 +136,17 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
     return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
                 config=config, config_for_id=for_id, run_name=run_name)
+
+
+def _calibration_links(suites: list[SuiteSpec], args: EvaluateArguments, tracking_uri: str | None) -> dict[str, str]:
+    from sst_lab.evaluate.calibration import calibration_tags, guard_judge_id, keyword_judge_id
+
+    ids = {}
+    if any(s.kind in ("safety", "overrefusal") for s in suites):
+        ids[KEYWORD_JUDGE] = keyword_judge_id()
+    if any(GUARD_JUDGE in s.judges for s in suites):
+        ids[GUARD_JUDGE] = guard_judge_id(args.guard_model)
+    return calibration_tags(ids, args.calibration_runs, tracking_uri)
 
 
 # ------------------------------------------------------------------------------ training overlap
@@ -239,6 +252,8 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     guarded = [s for s in loaded if GUARD_JUDGE in s.spec.judges]
     if guarded:
         preflight_guard(args.guard_model)
+    if run.enabled:  # which calibration of each judge this run relies on (tags calibration_run.<judge>)
+        run.set_tags(_calibration_links(plan.suites, args, tracking_uri))
 
     seconds: dict[str, float] = {}
     try:

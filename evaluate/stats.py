@@ -434,3 +434,85 @@ def safety_tax(safety_ref: Values, safety_cand: Values, utility_ref: Values, uti
         tax=tax, tax_ci=tax_ci, tax_ci_excluded_share=share, identical=identical,
         mde_safety=mde, n_safety=int(s_ref.size), n_utility=int(u_ref.size), alpha=alpha,
         n_boot=int(n_boot), seed=seed, note=note)
+
+
+# --------------------------------------------------------------------------- judge calibration
+
+
+def cohen_kappa(human: Values, judge: Values) -> float | None:
+    """Cohen's kappa of two binary raters; ``None`` when chance agreement is 1 (kappa undefined)."""
+    h, j = _pair(human, judge, ("human", "judge"))
+    if not (_is_binary(h) and _is_binary(j)):
+        raise ValueError("cohen_kappa: ratings must be binary (0/1)")
+    po = float(np.mean(h == j))
+    ph, pj = float(h.mean()), float(j.mean())
+    pe = ph * pj + (1 - ph) * (1 - pj)
+    return None if pe >= 1 - _TOL else (po - pe) / (1 - pe)
+
+
+def kappa_bootstrap_ci(human: Values, judge: Values, *, n_boot: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of Cohen's kappa over items resampled with replacement (``None`` when
+    kappa is undefined in more than 1 % of the resamples)."""
+    _check_confidence(confidence)
+    h, j = _pair(human, judge, ("human", "judge"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, h.size, size=(n_boot, h.size))
+    hs, js = h[idx], j[idx]
+    po = (hs == js).mean(axis=1)
+    ph, pj = hs.mean(axis=1), js.mean(axis=1)
+    pe = ph * pj + (1 - ph) * (1 - pj)
+    ok = pe < 1 - _TOL
+    if ok.mean() < 0.99:
+        return None
+    return _percentile_ci((po[ok] - pe[ok]) / (1 - pe[ok]), confidence)
+
+
+@dataclass(frozen=True)
+class CorrectedRate(_AsDict):
+    """A misclassification-corrected prevalence (Rogan & Gladen 1978) with a parametric-bootstrap
+    interval that resamples the observed rate *and* the judge's sensitivity and specificity."""
+
+    raw: float
+    corrected: float          # clipped to [0, 1]; ``unclipped`` keeps the formula's value
+    unclipped: float
+    ci_low: float
+    ci_high: float
+    sensitivity: float
+    specificity: float
+    n: int
+    n_positive: int           # calibration items the people labelled positive (sensitivity's n)
+    n_negative: int
+
+
+def rogan_gladen(k: int, n: int, tp: int, n_positive: int, tn: int, n_negative: int, *,
+                 n_boot: int = 10_000, seed: int = 0, confidence: float = 0.95) -> CorrectedRate:
+    """``(p + Sp - 1) / (Se + Sp - 1)`` for an observed ``k / n`` and a judge whose sensitivity is
+    ``tp / n_positive`` and specificity ``tn / n_negative`` on human-labelled items.
+
+    The interval draws the observed count, ``tp`` and ``tn`` from their binomials (parametric
+    bootstrap), so it carries the calibration set's uncertainty as well as the evaluation's.
+    Raises ``ValueError`` when ``Se + Sp <= 1`` (the judge is no better than chance: no correction
+    exists) or a count is out of range.
+    """
+    _check_confidence(confidence)
+    for name, (a, b) in {"k/n": (k, n), "tp/n_positive": (tp, n_positive), "tn/n_negative": (tn, n_negative)}.items():
+        if b < 1 or not 0 <= a <= b:
+            raise ValueError(f"rogan_gladen: {name} = {a}/{b} is not a count out of a positive total")
+    se, sp = tp / n_positive, tn / n_negative
+    if se + sp <= 1 + _TOL:
+        raise ValueError(f"rogan_gladen: sensitivity {se:.3f} + specificity {sp:.3f} <= 1: the judge is no "
+                         "better than chance on the calibration set, a corrected rate does not exist")
+    p = k / n
+    est = (p + sp - 1) / (se + sp - 1)
+    rng = np.random.default_rng(seed)
+    p_b = rng.binomial(n, p, n_boot) / n
+    se_b = rng.binomial(n_positive, se, n_boot) / n_positive
+    sp_b = rng.binomial(n_negative, sp, n_boot) / n_negative
+    den = se_b + sp_b - 1
+    ok = den > _TOL
+    reps = np.clip((p_b[ok] + sp_b[ok] - 1) / den[ok], 0.0, 1.0)
+    low, high = _percentile_ci(reps, confidence)
+    return CorrectedRate(raw=p, corrected=float(min(max(est, 0.0), 1.0)), unclipped=float(est), ci_low=low,
+                         ci_high=high, sensitivity=se, specificity=sp, n=n, n_positive=n_positive,
+                         n_negative=n_negative)

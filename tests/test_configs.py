@@ -71,6 +71,14 @@ def validate_evaluate(path: Path) -> None:
         suites.load_suite(name)  # every named suite exists and parses
 
 
+def validate_calibrate(path: Path) -> None:
+    from sst_lab.config import TrackingArguments, parse_stage_args
+    from sst_lab.evaluate.calibration import CalibrateArguments
+
+    args, _ = parse_stage_args((CalibrateArguments, TrackingArguments), ["--config", str(path)])
+    assert args.partial_refusal and args.data
+
+
 def validate_study(path: Path) -> None:
     from sst_lab.tracking import study
 
@@ -79,7 +87,7 @@ def validate_study(path: Path) -> None:
 
 VALIDATORS = {"models": validate_train, "train": validate_train, "merge": validate_merge,
               "accelerate": validate_accelerate, "evaluate": validate_evaluate, "suites": validate_evaluate,
-              "studies": validate_study}
+              "studies": validate_study, "calibrate": validate_calibrate}
 
 
 def test_configs_are_found_recursively():

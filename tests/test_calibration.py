@@ -1,0 +1,114 @@
+"""Judge calibration against people (the XSTest v2 human-labelled completions) and its links."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import mlflow
+import pytest
+
+from conftest import SHARED_DATA
+from sst_lab.config import ConfigError, TrackingArguments
+from sst_lab.evaluate.calibration import (CalibrateArguments, CalibrationError, calibration_tags, keyword_judge_id,
+                                          run_calibration)
+from sst_lab.evaluate.judges import RefusalKeywordJudge
+from sst_lab.evaluate.stats import wilson_interval
+
+COMPLETIONS = SHARED_DATA / "xstest_completions"
+LIMIT = 40  # rows per source model: 120 items, all three models, both prompt types
+
+
+@pytest.fixture(scope="module")
+def calibrated(store):
+    if not COMPLETIONS.is_dir():
+        pytest.skip(f"real benchmark files not available ({COMPLETIONS} is absent)")
+    args = CalibrateArguments(data=[str(COMPLETIONS)], partial_refusal="refusal", limit=LIMIT, n_boot=300)
+    run_id, cal = run_calibration(args, TrackingArguments(study="tests-calibrate", tracking_uri=store))
+    return run_id, cal
+
+
+def _expected(partial: str = "refusal") -> list[tuple[str, str, int, int]]:
+    """(source, type, human, judge) recomputed from the CSV files independently of the module."""
+    judge = RefusalKeywordJudge()
+    out = []
+    for f in sorted(COMPLETIONS.glob("*.csv")):
+        with f.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))[:LIMIT]
+        for r in rows:
+            human = {"2_full_refusal": 1, "1_full_compliance": 0}.get(r["final_label"], int(partial == "refusal"))
+            out.append((f.stem.split("_")[-1], r["type"], human, int(judge.judge_one(r["completion"]).verdict == "refusal")))
+    return out
+
+
+def test_keyword_calibration_matches_a_recount_of_the_human_labels(calibrated, store):
+    run_id, cal = calibrated
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    t, m = run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED" and t["stage"] == "calibrate"
+    assert t["calibrate.judge_id"] == keyword_judge_id() and t["calibrate.partial_refusal"] == "refusal"
+    exp = _expected()
+    assert m["calibration/all/n"] == len(exp) == 3 * LIMIT
+    tp = sum(h and j for _, _, h, j in exp)
+    pos = sum(h for _, _, h, _ in exp)
+    agree = sum(h == j for _, _, h, j in exp)
+    assert m["calibration/all/agreement"] == pytest.approx(agree / len(exp))
+    assert m["calibration/all/sensitivity"] == pytest.approx(tp / pos)
+    assert (m["calibration/all/sensitivity_ci_low"], m["calibration/all/sensitivity_ci_high"]) == \
+        pytest.approx(wilson_interval(tp, pos))
+    unsafe = [(h, j) for _, typ, h, j in exp if typ.startswith("contrast_")]
+    assert m["calibration/type_unsafe/n"] == len(unsafe) > 0
+    assert m["calibration/type_unsafe/agreement"] == pytest.approx(sum(h == j for h, j in unsafe) / len(unsafe))
+    for src in ("gpt4", "llama2new", "mistralinstruct"):
+        assert m[f"calibration/model_{src}/n"] == LIMIT
+    sk = pytest.importorskip("sklearn.metrics")
+    assert m["calibration/all/kappa"] == pytest.approx(sk.cohen_kappa_score([e[2] for e in exp], [e[3] for e in exp]))
+    assert m["calibration/all/kappa_ci_low"] < m["calibration/all/kappa"] < m["calibration/all/kappa_ci_high"]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="confusion.json", tracking_uri=store)
+    confusion = json.loads(open(local).read())["all"]
+    assert sum(sum(row.values()) for row in confusion.values()) == len(exp)
+    assert confusion["2_full_refusal"]["refusal"] + confusion["3_partial_refusal"]["refusal"] == tp
+
+
+def test_partial_refusal_mapping_must_be_declared_and_changes_the_counts(calibrated, store):
+    with pytest.raises(ConfigError, match="partial_refusal must be declared"):
+        CalibrateArguments(data=[str(COMPLETIONS)])
+    _, cal = run_calibration(CalibrateArguments(data=[str(COMPLETIONS)], partial_refusal="exclude", limit=LIMIT,
+                                                n_boot=50), TrackingArguments(study="tests-calibrate", tracking_uri=store))
+    n_partial = cal.metrics["calibration/all/n_excluded_partial"]
+    assert n_partial > 0 and cal.metrics["calibration/all/n"] == 3 * LIMIT - n_partial
+
+
+def test_bad_calibration_data_names_the_file_and_line(tmp_path, store):
+    bad = tmp_path / "xstest_v2_completions_x.csv"
+    bad.write_text("id,type,prompt,completion,final_label\nv2-1,homonyms,p,c,4_unsure\n")
+    with pytest.raises(CalibrationError, match=r"xstest_v2_completions_x.csv, line 2: final_label '4_unsure'"):
+        run_calibration(CalibrateArguments(data=[str(bad)], partial_refusal="refusal"),
+                        TrackingArguments(study="tests-calibrate", tracking_uri=store))
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("tests-calibrate").experiment_id],
+                              filter_string="attributes.status = 'FAILED'")
+    assert any("4_unsure" in r.data.tags.get("error", "") for r in runs)
+
+
+def test_evaluate_links_the_calibration_of_each_judge(calibrated, store, tmp_path):
+    from sst_lab.evaluate.evaluate import main
+
+    run_id, _ = calibrated
+    main(["--config", "configs/evaluate/tiny.yaml", "--suites", "harmful-demo", "--preset", "minimal",
+          "--minimal_n", "2", "--study", "tests-calibrate-link", "--tracking_uri", store,
+          "--output_dir", str(tmp_path / "out")])
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("tests-calibrate-link")
+    t = client.search_runs([exp.experiment_id])[0].data.tags
+    latest = client.search_runs([client.get_experiment_by_name("tests-calibrate").experiment_id],
+                                filter_string="attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time DESC"])[0].info.run_id
+    assert t["calibration_run.refusal_keyword"] == latest
+    assert t["calibration_run.refusal_keyword.how"] == "latest_finished_in_store"
+    assert t["calibration_run.guard"] == "none" and t["calibration_run.guard.how"].startswith("no FINISHED")
+    # an explicit run wins over the latest; a run of another judge is refused
+    assert calibration_tags({"refusal_keyword": keyword_judge_id()}, [run_id], store)[
+        "calibration_run.refusal_keyword.how"] == "config"
+    with pytest.raises(CalibrationError, match="which this evaluation does not use"):
+        calibration_tags({"guard": "guard:x@0"}, [run_id], store)
