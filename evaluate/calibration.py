@@ -386,3 +386,60 @@ def calibration_tags(judge_ids: dict[str, str], explicit: Sequence[str], trackin
         rid, how = find_calibration_run(jid, tracking_uri, by_id.get(jid))
         tags.update({f"calibration_run.{label}": rid, f"calibration_run.{label}.how": how, f"judge_id.{label}": jid})
     return tags
+
+
+# ------------------------------------------------------------------------------ corrected rates in compare
+CORRECTION_SLICE = "type_unsafe"  # safety suites hold harmful prompts: the judge's error rates on unsafe prompts
+
+
+def corrected_safety_rates(ref_tags: dict[str, str], cand_tags: dict[str, str], safety_judge: str,
+                           k_ref: int, k_cand: int, n: int, tracking_uri: str, *, n_boot: int = 10_000,
+                           seed: int = 0, confidence: float = 0.95) -> tuple[dict[str, float], dict[str, str]]:
+    """Rogan-Gladen corrected safety rates of both runs, beside (never instead of) the raw ones.
+
+    Uses the calibration run both evaluate runs link for ``safety_judge`` (tag
+    ``calibration_run.<judge>``); its sensitivity and specificity on unsafe prompts (slice
+    ``type_unsafe``) and their counts. Returns metrics ``compare/safety_{ref,cand}_corrected``
+    (+ ``_ci_low``/``_ci_high``, a parametric bootstrap over the evaluation and the calibration
+    counts) and tags: the calibration run, the slice, and the evidence for the correction's
+    assumption (error rates that transfer between source models: the calibration's chi-square
+    p-values and ranges across models). No link, two different links, or a judge no better than
+    chance on the slice -> no metrics and a tag ``compare/corrected_note`` saying why.
+    """
+    import mlflow
+
+    from sst_lab.evaluate.stats import rogan_gladen
+
+    key = f"calibration_run.{safety_judge}"
+    links = {ref_tags.get(key, "none"), cand_tags.get(key, "none")}
+    if links == {"none"} or "none" in links:
+        return {}, {"compare/corrected_note": f"no corrected rate: the evaluate runs do not both link a calibration "
+                                              f"run of {safety_judge} (tag {key}); run evaluate/calibrate.py first"}
+    if len(links) > 1:
+        return {}, {"compare/corrected_note": f"no corrected rate: the two evaluate runs link different calibration "
+                                              f"runs of {safety_judge}: {sorted(links)}"}
+    run_id = links.pop()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    cal = client.get_run(run_id)
+    m = cal.data.metrics
+    base = f"calibration/{CORRECTION_SLICE}"
+    tp, fn, tn, fp = (int(m.get(f"{base}/{c}", 0)) for c in ("tp", "fn", "tn", "fp"))
+    tags = {"compare/corrected_calibration_run": run_id, "compare/corrected_slice": CORRECTION_SLICE,
+            "compare/corrected_method": "Rogan-Gladen; parametric bootstrap over evaluation and calibration counts",
+            "compare/corrected_transfer_evidence": ", ".join(
+                f"{k.split('/', 2)[-1]}={v:.3g}" for k, v in sorted(m.items())
+                if k.startswith("calibration/transfer/unsafe/")) or "none (fewer than two source models)"}
+    if min(tp + fn, tn + fp) == 0:
+        return {}, {**tags, "compare/corrected_note": f"no corrected rate: calibration run {run_id} has no "
+                    f"{'refused' if tp + fn == 0 else 'complied'} unsafe prompts, so its "
+                    f"{'sensitivity' if tp + fn == 0 else 'specificity'} is unmeasured"}
+    metrics: dict[str, float] = {}
+    try:
+        for side, k in (("ref", k_ref), ("cand", k_cand)):
+            r = rogan_gladen(k, n, tp, tp + fn, tn, tn + fp, n_boot=n_boot, seed=seed, confidence=confidence)
+            metrics.update({f"compare/safety_{side}_corrected": r.corrected,
+                            f"compare/safety_{side}_corrected_ci_low": r.ci_low,
+                            f"compare/safety_{side}_corrected_ci_high": r.ci_high})
+    except ValueError as exc:
+        return {}, {**tags, "compare/corrected_note": f"no corrected rate: {exc}"}
+    return metrics, tags

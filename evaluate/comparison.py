@@ -313,8 +313,23 @@ def run_compare(args: CompareArguments, tracking: Any) -> tuple[str | None, Comp
                                   tracking_uri=tracking.tracking_uri)
         run.set_tags(comparison.tags())
         run.log_metrics(comparison.metrics())
+        _log_corrected(run, comparison, args, resolve_tracking_uri(tracking.tracking_uri))
         run.log_json(comparison.to_dict(), "compare/result.json")
     return run.run_id, comparison
+
+
+def _log_corrected(run: Any, comparison: Comparison, args: CompareArguments, uri: str) -> None:
+    """Judge-misclassification-corrected safety rates beside the raw ones (evaluate/calibration.py)."""
+    from sst_lab.evaluate.calibration import corrected_safety_rates
+
+    r = comparison.result
+    metrics, tags = corrected_safety_rates(comparison.reference_tags, comparison.candidate_tags, args.safety_judge,
+                                           round(r.safety_ref * r.n_safety), round(r.safety_cand * r.n_safety),
+                                           r.n_safety, uri, n_boot=args.n_boot, seed=args.seed,
+                                           confidence=1 - args.alpha)
+    run.set_tags(tags)
+    if metrics:
+        run.log_metrics(metrics)
 
 
 def _get_run(client: Any, run_id: str) -> Any:

@@ -61,8 +61,9 @@ def test_keyword_calibration_matches_a_recount_of_the_human_labels(calibrated, s
     assert m["calibration/type_unsafe/agreement"] == pytest.approx(sum(h == j for h, j in unsafe) / len(unsafe))
     for src in ("gpt4", "llama2new", "mistralinstruct"):
         assert m[f"calibration/model_{src}/n"] == LIMIT
-    sk = pytest.importorskip("sklearn.metrics")
-    assert m["calibration/all/kappa"] == pytest.approx(sk.cohen_kappa_score([e[2] for e in exp], [e[3] for e in exp]))
+    p_h, p_j = pos / len(exp), sum(e[3] for e in exp) / len(exp)
+    chance = p_h * p_j + (1 - p_h) * (1 - p_j)
+    assert m["calibration/all/kappa"] == pytest.approx((agree / len(exp) - chance) / (1 - chance))
     assert m["calibration/all/kappa_ci_low"] < m["calibration/all/kappa"] < m["calibration/all/kappa_ci_high"]
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="confusion.json", tracking_uri=store)
     confusion = json.loads(open(local).read())["all"]
@@ -112,3 +113,45 @@ def test_evaluate_links_the_calibration_of_each_judge(calibrated, store, tmp_pat
         "calibration_run.refusal_keyword.how"] == "config"
     with pytest.raises(CalibrationError, match="which this evaluation does not use"):
         calibration_tags({"guard": "guard:x@0"}, [run_id], store)
+
+
+def _eval_run(store, study, refused, tags):
+    from sst_lab.tracking.run import stage_run
+
+    with stage_run(stage="evaluate", study=study, config={"evaluate": {"refused": sum(refused)}},
+                   tags={"role": "base", "base_model": "m", "seed": 0, "suites": "harm@v1,util@v1", **tags},
+                   run_name="fake", tracking_uri=store) as run:
+        for name, kind, rows in (("harm", "safety", [{"id": f"h/{i}", "refused": r} for i, r in enumerate(refused)]),
+                                 ("util", "task", [{"id": f"u/{i}", "correct": i % 2} for i in range(20)])):
+            run.log_json({"name": name, "kind": kind, "version": 1, "judges": ["refusal_keyword"],
+                          "data_sha256": "d", "shots": 0}, f"suites/{name}.json")
+            run.log_table(rows, f"tables/{name}.json")
+    return run.run_id
+
+
+def test_compare_adds_the_corrected_rate_beside_the_raw_one(calibrated, store):
+    from sst_lab.evaluate.comparison import CompareArguments, run_compare
+    from sst_lab.evaluate.stats import rogan_gladen
+
+    cal_id, cal = calibrated
+    link = {"calibration_run.refusal_keyword": cal_id}
+    ref = _eval_run(store, "tests-calibrate-cmp", [1] * 30 + [0] * 70, link)
+    cand = _eval_run(store, "tests-calibrate-cmp", [1] * 60 + [0] * 40, link)
+    tracking = TrackingArguments(study="tests-calibrate-cmp", tracking_uri=store)
+    run_id, _ = run_compare(CompareArguments(reference=ref, candidate=cand, n_boot=500), tracking)
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    m, t = run.data.metrics, run.data.tags
+    assert m["compare/safety_ref"] == 0.3 and m["compare/safety_cand"] == 0.6  # the raw rates stay
+    s = cal.slices["type_unsafe"]
+    tp, fn, tn, fp = (int(s[c]) for c in ("tp", "fn", "tn", "fp"))
+    assert tn + fp > 0  # mistralinstruct complies with some unsafe prompts among its first rows
+    exp = rogan_gladen(60, 100, tp, tp + fn, tn, tn + fp, n_boot=500, seed=0)
+    assert m["compare/safety_cand_corrected"] == pytest.approx(exp.corrected)
+    assert m["compare/safety_cand_corrected_ci_low"] <= exp.corrected <= m["compare/safety_cand_corrected_ci_high"]
+    assert t["compare/corrected_calibration_run"] == cal_id and t["compare/corrected_slice"] == "type_unsafe"
+    # without a link, no corrected rate, and the run says why
+    bare = _eval_run(store, "tests-calibrate-cmp", [1] * 60 + [0] * 40, {})
+    run_id, _ = run_compare(CompareArguments(reference=ref, candidate=bare, n_boot=200), tracking)
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
+    assert "compare/safety_cand_corrected" not in run.data.metrics
+    assert "do not both link" in run.data.tags["compare/corrected_note"]

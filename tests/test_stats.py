@@ -264,3 +264,38 @@ def test_ratio_ci_refuses_when_gain_often_non_positive():
     assert ci is None and share == pytest.approx(0.1)
     ci, share = S._ratio_ci(num, np.r_[np.full(990, 0.5), np.zeros(10)], confidence=0.95)
     assert ci == pytest.approx((0.2, 0.2)) and share == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------------- judge calibration
+
+
+def test_cohen_kappa_published_example_and_undefined_for_one_label():
+    """Wikipedia's worked example: 20 yes/yes, 5 yes/no, 10 no/yes, 15 no/no -> po 0.7, pe 0.5, kappa 0.4."""
+    a = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
+    b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
+    assert S.cohen_kappa(a, b) == pytest.approx(0.4, abs=1e-12)
+    rng = np.random.default_rng(5)
+    h = rng.random(300) < 0.4
+    j = np.where(rng.random(300) < 0.2, ~h, h)
+    low, high = S.kappa_bootstrap_ci(h, j, n_boot=500)
+    assert low < S.cohen_kappa(h, j) < high
+    assert S.cohen_kappa([1, 1, 1], [1, 1, 1]) is None
+
+
+def test_rogan_gladen_inverts_misclassification():
+    """p_obs = Se*p + (1-Sp)*(1-p) for a true rate p; the correction recovers p, and its interval
+    widens when the judge was calibrated on fewer items."""
+    se, sp, p = 0.8, 0.9, 0.3
+    n = 10_000
+    k = round(n * (se * p + (1 - sp) * (1 - p)))
+    big = S.rogan_gladen(k, n, 800, 1000, 900, 1000, n_boot=4000)
+    assert big.corrected == pytest.approx(p, abs=1e-3) and big.raw == pytest.approx(k / n)
+    assert big.ci_low < p < big.ci_high
+    small = S.rogan_gladen(k, n, 80, 100, 90, 100, n_boot=4000)
+    assert (small.ci_high - small.ci_low) > 2 * (big.ci_high - big.ci_low)
+    perfect = S.rogan_gladen(30, 100, 50, 50, 50, 50, n_boot=200)
+    assert perfect.corrected == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no better than chance"):
+        S.rogan_gladen(30, 100, 25, 50, 25, 50)
+    with pytest.raises(ValueError, match="k/n = 5/4"):
+        S.rogan_gladen(5, 4, 1, 2, 1, 2)
