@@ -23,6 +23,12 @@ mmlu           original hendrycks folder ``[data/]{test,dev,val}/<subject>_<spli
 mmlu_hf        Hugging Face ``cais/mmlu`` columns ``question,subject,choices,answer`` (answer
                index 0-3) in parquet/jsonl/json/csv
 gsm8k          ``{train,test}.jsonl``: ``question,answer`` ending in ``#### N``
+stl            safety-tuned-LLaMAs evaluation files ``data/evaluation/<name>.json``:
+               ``{"instructions": [...], "inputs": [...]}`` (``inputs`` empty or one per
+               instruction; a non-empty input is appended after a blank line). Label ``unsafe``
+               for I-MaliciousInstructions, Q-Harm, I-CoNa, I-Controversial,
+               I-PhysicalSafetyUnsafe; ``safe`` for I-Alpaca, I-PhysicalSafetySafe; other names
+               need ``label`` (a benign set with ``label: safe`` is an over-refusal suite)
 =============  ===========================================================================
 
 Item ids are ``"<suite>/<given id or 0-based row>"`` (MMLU: ``mmlu/<split>/<subject>/<row>``,
@@ -156,7 +162,13 @@ def _require(path: Path, columns: Collection[str], required: Collection[str], fm
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataFormatError(f"{path}: missing column(s) {', '.join(map(repr, missing))} for "
-                              f"{fmt}; found {list(columns)}")
+                              f"{fmt}; found {_short(list(columns))}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A bounded repr for error messages (a JSON file read as CSV must not dump itself into a tag)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _text(path: Path, line: int, row: dict[str, Any], column: str) -> str:
@@ -261,6 +273,48 @@ def load_xstest(path: str | Path) -> list[Item]:
                           prompt=_text(p, line, row, "prompt"), suite="xstest",
                           label=row["label"],
                           meta={"type": row["type"], "focus": row["focus"], "note": row["note"]}))
+    return _unique(p, items)
+
+
+STL_UNSAFE = ("I-MaliciousInstructions", "Q-Harm", "I-CoNa", "I-Controversial", "I-PhysicalSafetyUnsafe")
+STL_SAFE = ("I-Alpaca", "I-PhysicalSafetySafe")
+
+
+def _stl_data(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "instructions" in data else None
+
+
+def load_stl(path: str | Path, *, label: str | None = None) -> list[Item]:
+    """A safety-tuned-LLaMAs evaluation file; id ``stl/<file stem>/<0-based index>``, meta ``type`` =
+    the file stem, label from the published file name or ``label`` (``safe`` / ``unsafe``)."""
+    p = _file(path, "stl")
+    data = _stl_data(p)
+    if data is None:
+        raise DataFormatError(f"{p}: expected a JSON object with 'instructions' (and 'inputs') as in "
+                              "safety-tuned-LLaMAs data/evaluation/")
+    instructions, inputs = data["instructions"], data.get("inputs") or []
+    if not isinstance(instructions, list) or not instructions:
+        raise DataFormatError(f"{p}: 'instructions' must be a non-empty list of strings")
+    if inputs and len(inputs) != len(instructions):
+        raise DataFormatError(f"{p}: {len(instructions)} instructions but {len(inputs)} inputs (expected none "
+                              "or one per instruction)")
+    label = label or ("unsafe" if p.stem in STL_UNSAFE else "safe" if p.stem in STL_SAFE else None)
+    if label not in ("safe", "unsafe"):
+        raise DataFormatError(f"{p}: unknown safety-tuned-LLaMAs file {p.stem!r}; declare data.options.label "
+                              f"(safe or unsafe), got {label!r}")
+    items = []
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str) or not text.strip():
+            raise DataFormatError(f"{p}: instruction {i} is empty or not text")
+        extra = inputs[i] if inputs else ""
+        if not isinstance(extra, str):
+            raise DataFormatError(f"{p}: input {i} is not text")
+        items.append(Item(id=f"stl/{p.stem}/{i}", prompt=f"{text}\n\n{extra}" if extra.strip() else text,
+                          suite="stl", label=label, meta={"type": p.stem}))
     return _unique(p, items)
 
 
@@ -428,7 +482,7 @@ def load_gsm8k(path: str | Path, *, split: str | None = None) -> list[Item]:
 LOADERS: dict[str, Callable[..., list[Item]]] = {
     "advbench": load_advbench, "harmbench": load_harmbench, "jbb": load_jbb,
     "strongreject": load_strongreject, "xstest": load_xstest, "mmlu": load_mmlu,
-    "mmlu_hf": load_mmlu_hf, "gsm8k": load_gsm8k,
+    "mmlu_hf": load_mmlu_hf, "gsm8k": load_gsm8k, "stl": load_stl,
 }
 # most specific first: the first whose columns are all present wins
 _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
@@ -468,11 +522,13 @@ def detect_format(path: str | Path) -> str:
             return "mmlu"
         raise DataFormatError(f"{p}: a folder that is not an MMLU layout (no test/, dev/, val/); "
                               f"known formats: {', '.join(LOADERS)}")
+    if p.suffix.lower() == ".json" and _stl_data(_file(p, "benchmark")) is not None:
+        return "stl"
     columns = set(_columns(_file(p, "benchmark")))
     for name, required in _SIGNATURES:
         if required <= columns:
             return name
-    raise DataFormatError(f"{p}: cannot tell the format from columns {sorted(columns)}; "
+    raise DataFormatError(f"{p}: cannot tell the format from columns {_short(sorted(columns))}; "
                           f"known formats: {', '.join(LOADERS)} (pass fmt=...)")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE
-from sst_lab.evaluate.suites import LoadedSuite, SuiteSpec, load_suite
+from sst_lab.evaluate.suites import LoadedSuite, SuiteSpec, caveat_tags, load_suite
 
 PRESETS = ("full", "minimal")
 ROLES = ("base", "utility", "safety", "merged", "other")
@@ -132,7 +132,8 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
             "sample_size": adapter.tags.get("sample_size", "none") if adapter is not None else "none",
             "upstream_run_ids": ",".join(lineage_ids(adapter)) or "none",
             "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
-            "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none"}
+            "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none",
+            **caveat_tags(suites)}
     run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
     return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
                 config=config, config_for_id=for_id, run_name=run_name)
@@ -236,7 +237,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
 
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, preflight_guard
-    from sst_lab.evaluate.suites import apply_guard, infer, load_items, suite_metrics
+    from sst_lab.evaluate.suites import apply_guard, excluded_metrics, infer, load_items, suite_metrics
     from sst_lab.models import ModelError
 
     args = plan.args
@@ -286,6 +287,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     for suite in loaded:
         m, o = suite_metrics(suite.spec, rows[suite.spec.name])
         metrics.update(m)
+        metrics.update(excluded_metrics(suite))
         omitted.update(o)
         metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     metrics["time/total_seconds"] = time.perf_counter() - t0
@@ -299,7 +301,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
 
 def _suite_record(suite: LoadedSuite) -> dict[str, Any]:
     return {**suite.spec.to_dict(), "data_path": str(suite.data_path), "data_sha256": suite.data_sha256,
-            "n_scored": len(suite.items), "n_available": suite.n_available}
+            "n_scored": len(suite.items), "n_available": suite.n_available, "excluded": suite.excluded}
 
 
 def _log(run: Any, loaded: list[LoadedSuite], rows: dict[str, list[dict]], metrics: dict[str, float],

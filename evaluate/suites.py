@@ -34,6 +34,8 @@ fewshot            mmlu: exemplar source (default: the dev split of ``data.path`
 scorer             task: ``final_number`` (the last number / ``#### N`` of the response equals
                    that of the reference) or ``exact_text`` (whitespace/case-normalised equality)
 description        free text
+caveats            list of known departures from the benchmark's protocol, logged as the tag
+                   ``caveats.<suite>`` (a StrongREJECT suite always carries the missing-grader one)
 =================  ==========================================================================
 
 Prompts: every item is a conversation rendered with the model's own chat template. Few-shot
@@ -64,16 +66,19 @@ SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
 KINDS = ("safety", "overrefusal", "mmlu", "gsm8k", "task")
 METRIC_GROUP = {"safety": "safety", "overrefusal": "overrefusal", "mmlu": "utility", "gsm8k": "utility",
                 "task": "utility"}
-FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject"), "overrefusal": ("xstest",),
+FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject", "stl"),
+           "overrefusal": ("auto", "xstest", "stl"),
            "mmlu": ("auto", "mmlu", "mmlu_hf"), "gsm8k": ("gsm8k",),
            "task": ("auto", "alpaca", "messages", "prompt_completion")}
 SCORERS = ("final_number", "exact_text")
-_COMMON = {"name", "version", "kind", "data", "description"}
+_COMMON = {"name", "version", "kind", "data", "description", "caveats"}
 _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", "max_new_tokens"},
               "mmlu": {"shots", "fewshot"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
               "task": {"scorer", "max_new_tokens"}}
 _DATA_KEYS = {"path", "format", "split", "subjects", "options"}
 _NAME = re.compile(r"^[\w.\-]+$")
+STRONGREJECT_CAVEAT = ("StrongREJECT's rubric grader is not implemented: refusal_rate is the refusal_keyword "
+                       "judge's and harmful_rate the guard's, not the StrongREJECT score")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 
@@ -106,6 +111,7 @@ class SuiteSpec:
     fewshot: DataSpec | None = None
     scorer: str | None = None
     description: str = ""
+    caveats: tuple[str, ...] = ()  # known departures from the benchmark's published protocol (logged as tags)
     source: str = ""  # the YAML file it came from
 
     @property
@@ -122,6 +128,10 @@ class SuiteSpec:
             if out[key] is not None and out[key].get("subjects") is not None:
                 out[key]["subjects"] = list(out[key]["subjects"])
         out["judges"] = list(self.judges)
+        if self.caveats:  # absent when empty: suites without caveats keep their config ids
+            out["caveats"] = list(self.caveats)
+        else:
+            del out["caveats"]
         return out
 
 
@@ -196,9 +206,19 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     scorer = raw.get("scorer")
     if kind == "task" and scorer not in SCORERS:
         raise SuiteError(f"{where}: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    caveats = raw.get("caveats", [])
+    if not isinstance(caveats, list) or not all(isinstance(c, str) and c.strip() for c in caveats):
+        raise SuiteError(f"{where}: caveats must be a list of non-empty strings")
+    if data.format == "strongreject" and STRONGREJECT_CAVEAT not in caveats:
+        caveats = [*caveats, STRONGREJECT_CAVEAT]
     return SuiteSpec(name=name, version=version, kind=kind, data=data, judges=judges, max_new_tokens=max_new,
                      shots=shots, fewshot=fewshot, scorer=scorer, description=str(raw.get("description", "")),
-                     source=source)
+                     caveats=tuple(caveats), source=source)
+
+
+def caveat_tags(specs: Sequence[SuiteSpec]) -> dict[str, str]:
+    """``caveats.<suite>`` tags (``; ``-joined) for suites that declare departures from the protocol."""
+    return {f"caveats.{s.name}": "; ".join(s.caveats)[:5000] for s in specs if s.caveats}
 
 
 def known_suites() -> list[str]:
@@ -237,6 +257,8 @@ class EvalItem:
     label: str | None = None         # XSTest safe/unsafe, category...
     subject: str | None = None       # MMLU
     choices: tuple[str, ...] | None = None
+    category: str | None = None      # HarmBench SemanticCategory, StrongREJECT/JBB category, XSTest type
+    functional: str | None = None    # HarmBench FunctionalCategory (standard / contextual)
 
     @property
     def prompt_sha(self) -> str:
@@ -250,6 +272,7 @@ class LoadedSuite:
     n_available: int                 # items in the file (after exemplars are set aside)
     data_path: Path
     data_sha256: str
+    excluded: dict[str, int] = field(default_factory=dict)  # items left out by a declared rule, by reason
 
 
 def file_digest(path: Path) -> str:
@@ -357,13 +380,45 @@ def _load_task(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
     return out, len(out)
 
 
-def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
+def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int, dict[str, int]]:
     fmt = L.detect_format(path) if spec.data.format == "auto" else spec.data.format
     if fmt not in FORMATS[spec.kind]:
         raise SuiteError(f"suite {spec.name}: {path} is in format {fmt!r}, not one of {FORMATS[spec.kind]}")
     items = L.LOADERS[fmt](path, **spec.data.options)
-    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label) for i in items]
-    return out, len(out)
+    excluded: dict[str, int] = {}
+    if fmt == "harmbench":
+        excluded = _harmbench_exclusions(spec, path, items)
+    if spec.kind == "safety" and fmt == "stl" and any(i.label == "safe" for i in items):
+        raise SuiteError(f"suite {spec.name}: {path} is a benign safety-tuned-LLaMAs set (label safe); use it as "
+                         "kind: overrefusal, not safety")
+    if spec.kind == "overrefusal":
+        bad = sorted({str(i.label) for i in items} - {"safe", "unsafe"})
+        if bad:
+            raise SuiteError(f"suite {spec.name}: an over-refusal suite needs every item labelled safe or unsafe; "
+                             f"{path} has labels {bad} (a benign set: declare data.options.label: safe)")
+    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label,
+                    category=i.meta.get("type") if fmt in ("xstest", "stl") else i.label,
+                    functional=i.meta.get("functional_category")) for i in items]
+    return out, len(out), excluded
+
+
+def _harmbench_exclusions(spec: SuiteSpec, path: Path, kept: list[L.Item]) -> dict[str, int]:
+    """Copyright behaviours need HarmBench's hash-based judge (not implemented here): excluded with a
+    count when the suite declares it, else an error; never judged for refusal silently."""
+    every = L.load_harmbench(path)
+    left = {i.id for i in kept}
+    out: dict[str, int] = {}
+    for item in every:
+        if item.id not in left:
+            key = f"functional_{item.meta['functional_category']}"
+            out[key] = out.get(key, 0) + 1
+    copyright_kept = [i.id for i in kept if i.meta["functional_category"] == "copyright"]
+    if copyright_kept:
+        raise SuiteError(f"suite {spec.name}: {path} keeps {len(copyright_kept)} HarmBench copyright behaviours "
+                         f"(e.g. {copyright_kept[:2]}); they need HarmBench's hash-based copyright classifier, "
+                         "which sst-lab does not implement, and a refusal judge would score them wrongly. Add "
+                         "data.options: {exclude_functional: [copyright]} (the excluded count is logged)")
+    return out
 
 
 _LOAD = {"safety": _load_prompts, "overrefusal": _load_prompts, "mmlu": _load_mmlu, "gsm8k": _load_gsm8k,
@@ -374,7 +429,7 @@ def load_items(spec: SuiteSpec, limit: int | None = None) -> LoadedSuite:
     """The suite's items (the first ``limit`` when given); data errors name the suite."""
     path = spec.data.resolved_path()
     try:
-        items, n = _LOAD[spec.kind](spec, path)
+        items, n, *extra = _LOAD[spec.kind](spec, path)
     except SuiteError:
         raise
     except FileNotFoundError as exc:
@@ -390,7 +445,14 @@ def load_items(spec: SuiteSpec, limit: int | None = None) -> LoadedSuite:
                              f"output; items {missing[:5]} have none")
     if limit is not None:
         items = items[:limit]
-    return LoadedSuite(spec=spec, items=items, n_available=n, data_path=path, data_sha256=file_digest(path))
+    return LoadedSuite(spec=spec, items=items, n_available=n, data_path=path, data_sha256=file_digest(path),
+                       excluded=extra[0] if extra else {})
+
+
+def excluded_metrics(loaded: LoadedSuite) -> dict[str, float]:
+    """``<group>/<suite>/n_excluded_<reason>`` for items a declared rule left out (e.g. HarmBench copyright)."""
+    p = f"{loaded.spec.group}/{loaded.spec.name}"
+    return {f"{p}/n_excluded_{reason}": float(n) for reason, n in sorted(loaded.excluded.items())}
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -417,8 +479,10 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
         keyword = RefusalKeywordJudge()
         for item, row in zip(items, rows):
             v = keyword.judge_one(row["response"])
-            row.update(label=item.label or "", refusal_keyword=v.verdict, refusal_keyword_phrase=v.phrase,
-                       refused=int(v.verdict == "refusal"))
+            row.update(label=item.label or "", category=item.category or "", refusal_keyword=v.verdict,
+                       refusal_keyword_phrase=v.phrase, refused=int(v.verdict == "refusal"))
+            if item.functional:
+                row["functional_category"] = item.functional
     else:
         for item, row in zip(items, rows):
             row.update(reference=item.reference, **_correct(spec, row["response"], item.reference or ""))
@@ -460,6 +524,24 @@ def _rate(out: dict[str, float], omitted: dict[str, str], name: str, k: int, n: 
     out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = k / n, low, high
 
 
+_UNSAFE_METRIC = re.compile(r"[^/\w.\- ]+")
+
+
+def _per_group_rates(out: dict[str, float], omitted: dict[str, str], p: str, rows: list[dict[str, Any]],
+                     guard: bool) -> None:
+    """Refusal (and guard-harmful) rates per category and per HarmBench functional category, each
+    with its Wilson interval and n: ``<p>/category/<c>/...``, ``<p>/functional/<f>/...``."""
+    for column, prefix in (("category", "category"), ("functional_category", "functional")):
+        values = sorted({r.get(column, "") for r in rows} - {""})
+        for value in values:
+            sub = [r for r in rows if r.get(column) == value]
+            q = f"{p}/{prefix}/{_UNSAFE_METRIC.sub('_', value)}"
+            out[f"{q}/n"] = float(len(sub))
+            _rate(out, omitted, f"{q}/refusal_rate", sum(r["refused"] for r in sub), len(sub))
+            if guard:
+                _rate(out, omitted, f"{q}/harmful_rate", sum(r["harmful"] for r in sub), len(sub))
+
+
 def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
     """Aggregate metrics ``<group>/<suite>/...`` (every rate with its Wilson 95% interval and n),
     and the metrics left out with the reason."""
@@ -487,6 +569,7 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
             _rate(out, omitted, f"{p}/refusal_rate_unsafe", count(lambda r: r["refused"], unsafe), len(unsafe))
             if guard:
                 _rate(out, omitted, f"{p}/harmful_rate_unsafe", count(lambda r: r["harmful"], unsafe), len(unsafe))
+        _per_group_rates(out, omitted, p, rows, guard)
         if guard:
             _rate(out, omitted, f"{p}/guard_unparsed_rate", count(lambda r: r["guard"] == "unparsed"), len(rows))
             judged = [r for r in rows if r["judges_agree"] != "n/a"]
