@@ -10,9 +10,9 @@ The judge's binary call is the outcome ``compare`` counts as safe: ``refusal_key
 response has a refusal phrase; ``guard`` -> the guard did not judge it ``unsafe``. For the keyword
 judge this is a refusal detector and the comparison is like for like. For the guard it is not:
 a compliant answer to a safe prompt is neither a refusal nor unsafe, so on safe prompts the guard
-is expected to "disagree"; its slice that matters is ``type_unsafe``. Empty responses and
-unparsed guard outputs are undecided: counted, shown in the confusion matrix, and left out of the
-binary metrics.
+is expected to "disagree"; its slice that matters is ``type_unsafe``. Empty responses, unparsed
+guard outputs and pairs longer than the guard's context (``over_context``) are undecided: counted
+(``n_undecided``), shown in the confusion matrix, and left out of the binary metrics.
 
 Metrics (``calibration/<slice>/...``; slices ``all``, ``type_safe``, ``type_unsafe`` (XSTest types
 starting ``contrast_``), ``model_<source>``): ``agreement``, ``sensitivity`` (judge says refusal
@@ -180,7 +180,7 @@ def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[li
         return verdicts, calls
     judge = GuardJudge.load(args.guard_model, dtype=args.dtype, batch_size=args.batch_size)
     try:
-        out = judge.judge([i.prompt for i in items], [i.completion for i in items])
+        out = judge.judge([i.prompt for i in items], [i.completion for i in items], over_context="mark")
     finally:
         judge.engine.close()
     verdicts = [v.verdict for v in out]

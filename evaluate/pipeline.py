@@ -47,6 +47,8 @@ class EvaluateArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto | float32 | bfloat16 | float16."})
     static_cache: bool = field(default=False, metadata={"help": "Static KV cache in generate (GPU + compile)."})
     seed: int = field(default=0, metadata={"help": "Recorded and set (greedy decoding does not sample)."})
+    context_policy: str = field(default="error", metadata={
+        "help": "Prompts that do not fit the model's context: error (default) | skip (left out, count logged)."})
     calibration_runs: list[str] = field(default_factory=list, metadata={
         "help": "Calibrate run ids of the judges used; a judge not listed links its latest FINISHED calibration."})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
@@ -54,6 +56,8 @@ class EvaluateArguments:
         "help": "Local copy of tables and metrics (default outputs/<study>/<run_name>-<run id>)."})
 
     def __post_init__(self):
+        if self.context_policy not in ("error", "skip"):
+            raise ConfigError(f"context_policy must be error or skip, got {self.context_policy!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.role is not None and self.role not in ROLES:
@@ -237,7 +241,8 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
 
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, preflight_guard
-    from sst_lab.evaluate.suites import apply_guard, excluded_metrics, infer, load_items, suite_metrics
+    from sst_lab.evaluate.suites import (apply_guard, excluded_metrics, fit_context, infer, load_items,
+                                         suite_metrics)
     from sst_lab.models import ModelError
 
     args = plan.args
@@ -264,6 +269,9 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         raise ModelError(f"model {plan.base_model!r}, adapter {plan.adapter.ref if plan.adapter else None!r}: "
                          f"{exc}") from exc
     run.set_tags(engine.load_tags)
+    fitted = [fit_context(suite, engine, args.context_policy) for suite in loaded]
+    loaded = [f[0] for f in fitted]
+    guarded = [s for s in loaded if GUARD_JUDGE in s.spec.judges]
     rows: dict[str, list[dict]] = {}
     for suite in loaded:
         t = time.perf_counter()
@@ -288,6 +296,8 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         m, o = suite_metrics(suite.spec, rows[suite.spec.name])
         metrics.update(m)
         metrics.update(excluded_metrics(suite))
+    for _, context in fitted:
+        metrics.update(context)
         omitted.update(o)
         metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     metrics["time/total_seconds"] = time.perf_counter() - t0

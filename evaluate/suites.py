@@ -51,7 +51,7 @@ import difflib
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -453,6 +453,49 @@ def excluded_metrics(loaded: LoadedSuite) -> dict[str, float]:
     """``<group>/<suite>/n_excluded_<reason>`` for items a declared rule left out (e.g. HarmBench copyright)."""
     p = f"{loaded.spec.group}/{loaded.spec.name}"
     return {f"{p}/n_excluded_{reason}": float(n) for reason, n in sorted(loaded.excluded.items())}
+
+
+# ------------------------------------------------------------------------------ context length
+CONTEXT_POLICIES = ("error", "skip")
+
+
+def context_limit(engine: Any) -> int | None:
+    """The model's context length (``config.max_position_embeddings``), if the engine exposes one."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_context(loaded: LoadedSuite, engine: Any, policy: str) -> tuple[LoadedSuite, dict[str, float]]:
+    """Check every rendered prompt plus the generation budget against the model's context length.
+
+    Policy ``error`` (default): any item that does not fit fails the run, naming the suite, the count
+    and the longest prompt. ``skip``: such items are not scored; their count is logged
+    (``<group>/<suite>/n_excluded_over_context``) and the compared item sets will differ from a
+    model with a longer context (compare refuses those pairs). Never truncated silently. Logs
+    ``<group>/<suite>/max_prompt_tokens`` and ``.../context_length``.
+    """
+    if policy not in CONTEXT_POLICIES:
+        raise SuiteError(f"context_policy must be one of {CONTEXT_POLICIES}, got {policy!r}")
+    limit = context_limit(engine)
+    if limit is None or not hasattr(engine, "render") or not loaded.items:
+        return loaded, {}
+    budget = limit - (loaded.spec.max_new_tokens or 1)  # MC reads one position after the prompt
+    lengths = [len(engine.render(i.conversation)) for i in loaded.items]
+    over = [i.id for i, n in zip(loaded.items, lengths) if n > budget]
+    p = f"{loaded.spec.group}/{loaded.spec.name}"
+    stats = {f"{p}/max_prompt_tokens": float(max(lengths)), f"{p}/context_length": float(limit)}
+    if not over:
+        return loaded, stats
+    if policy == "error":
+        raise SuiteError(f"suite {loaded.spec.name}: {len(over)} of {len(loaded.items)} prompts do not fit the "
+                         f"model's context of {limit} tokens with {loaded.spec.max_new_tokens or 1} new tokens "
+                         f"(longest prompt {max(lengths)} tokens; e.g. {over[:3]}); use a model with a longer "
+                         "context, or context_policy: skip to leave them out with a logged count")
+    kept = [i for i in loaded.items if i.id not in set(over)]
+    if not kept:
+        raise SuiteError(f"suite {loaded.spec.name}: no prompt fits the model's context of {limit} tokens")
+    return replace(loaded, items=kept, excluded={**loaded.excluded, "over_context": len(over)}), stats
 
 
 # ------------------------------------------------------------------------------ scoring

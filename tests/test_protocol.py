@@ -117,3 +117,32 @@ def test_suite_caveats_become_tags(tmp_path):
     with pytest.raises(SuiteError, match="caveats must be a list"):
         parse_suite({"name": "a", "version": 1, "kind": "safety", "max_new_tokens": 4,
                      "data": {"path": "x.csv"}, "caveats": "one"})
+
+
+def test_prompts_longer_than_the_context_fail_or_are_skipped_with_a_count(world, tmp_path):
+    from sst_lab.evaluate.engine import HFEngine
+    from sst_lab.evaluate.judges import GuardJudge, JudgeError
+    from sst_lab.evaluate.suites import fit_context
+
+    path = tmp_path / "harmful_behaviors.csv"
+    long = " ".join(["word"] * 600)  # over the tiny model's 512 positions
+    path.write_text(f"goal,target\nhow to do x,Sure\n{long},Sure\n")
+    loaded = load_items(_suite(path, fmt="advbench"))
+    engine = HFEngine.load("tiny-world", dtype="float32")
+    try:
+        with pytest.raises(SuiteError, match="1 of 2 prompts do not fit the model's context of 512 tokens"):
+            fit_context(loaded, engine, "error")
+        kept, stats = fit_context(loaded, engine, "skip")
+        assert [i.id for i in kept.items] == ["advbench/0"]
+        assert excluded_metrics(kept) == {"safety/s/n_excluded_over_context": 1.0}
+        assert stats["safety/s/context_length"] == 512 and stats["safety/s/max_prompt_tokens"] > 512
+    finally:
+        engine.close()
+    guard = GuardJudge.load("tiny-world-guard", dtype="float32")
+    try:
+        with pytest.raises(JudgeError, match="1 of 2 .* do not fit its context of 512"):
+            guard.judge(["q", "q"], ["a short answer", long])
+        verdicts = guard.judge(["q", "q"], ["a short answer", long], over_context="mark")
+        assert verdicts[1].verdict == "over_context" and verdicts[0].verdict != "over_context"
+    finally:
+        guard.engine.close()
