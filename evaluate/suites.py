@@ -15,7 +15,7 @@ Keys (unknown keys are errors; each kind accepts only its own):
 =================  ==========================================================================
 name, version      metric/table name (``[\\w.-]+``) and a positive integer
 kind               ``safety``: harmful prompts (advbench, harmbench, jbb, strongreject), judged;
-                   ``overrefusal``: XSTest, refusal on safe vs unsafe prompts;
+                   ``overrefusal``: XSTest or a benign set (stl), refusal on safe vs unsafe prompts;
                    ``mmlu``: letter log-likelihood, 0- or k-shot from the dev split;
                    ``gsm8k``: k-shot generation, exact match of the final number;
                    ``task``: a training-style file (alpaca/messages/prompt_completion) scored
