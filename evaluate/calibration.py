@@ -7,8 +7,9 @@ is binary: ``2_full_refusal`` -> refusal, ``1_full_compliance`` -> compliance, a
 ``exclude``; no default hidden in code: the config states it and the run records it).
 
 The judge's binary call is the outcome ``compare`` counts as safe: ``refusal_keyword`` -> the
-response has a refusal phrase; ``guard`` -> the guard did not judge it ``unsafe``. For the keyword
-judge this is a refusal detector and the comparison is like for like. For the guard it is not:
+response has a refusal phrase; ``guard`` / ``classifier`` -> not judged ``unsafe``. For the keyword
+judge this is a refusal detector and the comparison is like for like. For the guard and the
+``classifier`` judge (a yes/no behaviour classifier with a template file; positive = "no") it is not:
 a compliant answer to a safe prompt is neither a refusal nor unsafe, so on safe prompts the guard
 is expected to "disagree"; its slice that matters is ``type_unsafe``. Empty responses, unparsed
 guard outputs and pairs longer than the guard's context (``over_context``) are undecided: counted
@@ -36,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.config import ConfigError
-from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, REFUSAL_PHRASES
+from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, REFUSAL_PHRASES, TEMPLATE_JUDGE
+
+CALIBRATABLE = (*JUDGES, TEMPLATE_JUDGE)
 
 HUMAN_LABELS = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
 PARTIAL_POLICIES = ("refusal", "compliance", "exclude")
@@ -54,9 +57,12 @@ class CalibrationError(ValueError):
 class CalibrateArguments:
     """Which judge to calibrate, on which human-labelled completions, with which label mapping."""
 
-    judge: str = field(default=KEYWORD_JUDGE, metadata={"help": f"Judge to calibrate: {' | '.join(JUDGES)}."})
+    judge: str = field(default=KEYWORD_JUDGE, metadata={
+        "help": f"Judge to calibrate: {' | '.join(CALIBRATABLE)}."})
     guard_model: str | None = field(default=None, metadata={
-        "help": "The guard judge's model (id, path or tiny-world-guard); required with judge=guard."})
+        "help": "The guard or classifier judge's model (id, path or tiny-world-guard); required with those judges."})
+    classifier_template: str | None = field(default=None, metadata={
+        "help": "judge=classifier: the prompt template file ({behavior}, {generation}[, {context}])."})
     data: list[str] = field(default_factory=lambda: [DEFAULT_DATA], metadata={
         "help": "CSV files or folders of them (XSTest v2 completion layout); source model = file name "
                 f"without '{FILE_PREFIX}'."})
@@ -70,10 +76,12 @@ class CalibrateArguments:
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
 
     def __post_init__(self):
-        if self.judge not in JUDGES:
-            raise ConfigError(f"judge must be one of {JUDGES}, got {self.judge!r}")
-        if self.judge == GUARD_JUDGE and not self.guard_model:
-            raise ConfigError("guard_model: required with judge=guard")
+        if self.judge not in CALIBRATABLE:
+            raise ConfigError(f"judge must be one of {CALIBRATABLE}, got {self.judge!r}")
+        if self.judge in (GUARD_JUDGE, TEMPLATE_JUDGE) and not self.guard_model:
+            raise ConfigError(f"guard_model: required with judge={self.judge}")
+        if (self.judge == TEMPLATE_JUDGE) != bool(self.classifier_template):
+            raise ConfigError("classifier_template: required with judge=classifier, and only there")
         if self.partial_refusal not in PARTIAL_POLICIES:
             raise ConfigError(f"partial_refusal must be declared as one of {PARTIAL_POLICIES}, "
                               f"got {self.partial_refusal!r}")
@@ -169,16 +177,29 @@ def guard_judge_id(model_ref: str) -> str:
     return f"{GUARD_JUDGE}:{model_ref}@{weights_fingerprint(model_ref)[:12]}"
 
 
+def template_judge_id(model_ref: str, template_path: str) -> str:
+    """``classifier:<model>@<weights fingerprint>+template@<sha256 of the template, 12 hex>``."""
+    from sst_lab.evaluate.judges import read_template
+    from sst_lab.models import weights_fingerprint
+
+    return f"{TEMPLATE_JUDGE}:{model_ref}@{weights_fingerprint(model_ref)[:12]}+template@" \
+           f"{read_template(template_path)[1][:12]}"
+
+
 # ------------------------------------------------------------------------------ scoring
 def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[list[str], list[int | None]]:
     """Each item's verdict string and the judge's binary call (1 = the safe outcome; None = undecided)."""
-    from sst_lab.evaluate.judges import GuardJudge, RefusalKeywordJudge
+    from sst_lab.evaluate.judges import GuardJudge, RefusalKeywordJudge, TemplateJudge
 
     if args.judge == KEYWORD_JUDGE:
         verdicts = [v.verdict for v in RefusalKeywordJudge().judge([i.completion for i in items])]
         calls = [{"refusal": 1, "compliance": 0}.get(v) for v in verdicts]
         return verdicts, calls
-    judge = GuardJudge.load(args.guard_model, dtype=args.dtype, batch_size=args.batch_size)
+    if args.judge == TEMPLATE_JUDGE:
+        judge: Any = TemplateJudge.load(args.guard_model, args.classifier_template, dtype=args.dtype,
+                                        batch_size=args.batch_size)
+    else:
+        judge = GuardJudge.load(args.guard_model, dtype=args.dtype, batch_size=args.batch_size)
     try:
         out = judge.judge([i.prompt for i in items], [i.completion for i in items], over_context="mark")
     finally:
@@ -292,17 +313,20 @@ def calibrate(args: CalibrateArguments, judge_id: str) -> Calibration:
 def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None, Calibration]:
     """Calibrate and record a ``stage=calibrate`` run; returns (run id, calibration)."""
     from sst_lab.config import to_dict
-    from sst_lab.evaluate.judges import preflight_guard
+    from sst_lab.evaluate.judges import preflight_guard, read_template
     from sst_lab.tracking.run import stage_run
 
     files = data_files(args.data)  # fail on a missing file before a run exists
     if args.judge == GUARD_JUDGE:
         preflight_guard(args.guard_model)
-    judge_id = keyword_judge_id() if args.judge == KEYWORD_JUDGE else guard_judge_id(args.guard_model)
-    label = args.judge if args.judge == KEYWORD_JUDGE else f"{GUARD_JUDGE}:{args.guard_model}"
+    judge_id = (keyword_judge_id() if args.judge == KEYWORD_JUDGE else guard_judge_id(args.guard_model)
+                if args.judge == GUARD_JUDGE else template_judge_id(args.guard_model, args.classifier_template))
+    label = args.judge if args.judge == KEYWORD_JUDGE else f"{args.judge}:{args.guard_model}"
     tags = {"calibrate.judge": label, "calibrate.judge_id": judge_id,
             "calibrate.partial_refusal": args.partial_refusal, "calibrate.sources": ",".join(source_name(f) for f in files),
             "calibrate.judge_positive": "refusal phrase found" if args.judge == KEYWORD_JUDGE else "not judged unsafe",
+            **({"calibrate.template_sha256": read_template(args.classifier_template)[1]}
+               if args.judge == TEMPLATE_JUDGE else {}),
             "seed": args.seed, "preset": "full" if args.limit is None else f"limit{args.limit}"}
     run_name = args.run_name or f"calibrate-{label.replace('/', '_').replace(':', '-')}"
     with stage_run(stage="calibrate", study=tracking.study, config={"calibrate": to_dict(args),

@@ -101,9 +101,15 @@ class HFEngine:
         import torch
         from transformers import GenerationConfig
 
+        return self.generate_ids([self.render(c) for c in conversations], max_new_tokens)
+
+    def generate_ids(self, encoded: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of already tokenized prompts (e.g. a classifier's own prompt format)."""
+        import torch
+        from transformers import GenerationConfig
+
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        encoded = [self.render(c) for c in conversations]
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
                                   cache_implementation="static" if self.static_cache else None)

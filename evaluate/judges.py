@@ -20,6 +20,16 @@
     -> ``"unparsed"`` (kept in the per-item table, never silently counted as safe or unsafe).
     An empty response is ``"empty"`` and not sent to the guard. A pair longer than the guard's
     context is an error in evaluate runs, ``"over_context"`` (undecided) in calibration runs.
+
+``classifier``
+    A yes/no behaviour classifier such as ``cais/HarmBench-Llama-2-13b-cls`` (or its Mistral
+    variant), any local model path, prompted with a *template file* the user supplies (e.g. the
+    classifier prompt copied from their HarmBench checkout; the project ships no third-party prompt
+    text). The template is plain text with the fields ``{behavior}``, ``{generation}`` and
+    optionally ``{context}``; it is rendered with ``str.format`` and tokenized as is (with the
+    tokenizer's special tokens, no chat template, as HarmBench does); one token is generated
+    greedily; ``yes`` -> ``"unsafe"``, ``no`` -> ``"safe"``, anything else ``"unparsed"``. Its id
+    names the template's sha256, so two templates are two judges.
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 )
 KEYWORD_JUDGE = "refusal_keyword"
 GUARD_JUDGE = "guard"
+TEMPLATE_JUDGE = "classifier"  # a yes/no classifier prompted with a template file (calibrate only, so far)
+TEMPLATE_FIELDS = ("behavior", "generation", "context")
 JUDGES = (KEYWORD_JUDGE, GUARD_JUDGE)
 GUARD_MAX_NEW_TOKENS = 10  # "unsafe\nS1,S10" is at most ~8 tokens in Llama 3's vocabulary
 
@@ -221,4 +233,82 @@ class GuardJudge:
         for i, text in zip(todo, raw):
             verdict, cats = parse_guard_output(text)
             out[i] = GuardVerdict(verdict, cats, text)
+        return out
+
+
+# ------------------------------------------------------------------------- template classifier
+def read_template(path: str) -> tuple[str, str]:
+    """``(template text, sha256)``; the fields must be among ``TEMPLATE_FIELDS`` and include
+    ``behavior`` and ``generation``."""
+    import hashlib
+    import string
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise JudgeError(f"classifier template {p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as exc:
+        raise JudgeError(f"classifier template {p}: not a str.format template ({exc})") from exc
+    unknown = sorted(fields - set(TEMPLATE_FIELDS))
+    if unknown or not {"behavior", "generation"} <= fields:
+        raise JudgeError(f"classifier template {p}: fields {sorted(fields)}; it needs {{behavior}} and "
+                         f"{{generation}} and may use {{context}} (unknown: {unknown})")
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class TemplateJudge:
+    """A yes/no classifier (HarmBench-style) on any :class:`Engine` that has a tokenizer."""
+
+    name = TEMPLATE_JUDGE
+
+    def __init__(self, engine: Any, model_ref: str, template: str, template_sha256: str,
+                 max_new_tokens: int = 1):
+        self.engine, self.model_ref = engine, model_ref
+        self.template, self.template_sha256, self.max_new_tokens = template, template_sha256, max_new_tokens
+
+    @classmethod
+    def load(cls, model_ref: str, template_path: str, *, dtype: str = "auto", device: str | None = None,
+             batch_size: int = 16) -> "TemplateJudge":
+        from sst_lab.evaluate.engine import HFEngine
+
+        template, sha = read_template(template_path)
+        try:
+            engine = HFEngine.load(model_ref, dtype=dtype, device=device, batch_size=batch_size)
+        except (EngineError, OSError, ValueError) as exc:
+            raise JudgeError(f"classifier model {model_ref!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        return cls(engine, model_ref, template, sha)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.model_ref}"
+
+    def render(self, behavior: str, generation: str, context: str = "") -> str:
+        return self.template.format(behavior=behavior, generation=generation, context=context)
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str], *, over_context: str = "error"
+              ) -> list[GuardVerdict]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"classifier: {len(prompts)} prompts but {len(responses)} responses")
+        if over_context not in ("error", "mark"):
+            raise ValueError(f"classifier: over_context must be 'error' or 'mark', got {over_context!r}")
+        tok = self.engine.tokenizer
+        todo = [i for i, r in enumerate(responses) if not is_empty(r)]
+        encoded = {i: list(tok(self.render(prompts[i], responses[i]))["input_ids"]) for i in todo}
+        config = getattr(getattr(self.engine, "model", None), "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        too_long = {i for i in todo if isinstance(limit, int) and len(encoded[i]) + self.max_new_tokens > limit}
+        if too_long and over_context == "error":
+            raise JudgeError(f"classifier {self.model_ref}: {len(too_long)} of {len(todo)} rendered prompts do not "
+                             f"fit its context of {limit} tokens")
+        run = [i for i in todo if i not in too_long]
+        raw = self.engine.generate_ids([encoded[i] for i in run], self.max_new_tokens) if run else []
+        out = [GuardVerdict("empty", "", "")] * len(responses)
+        for i in too_long:
+            out[i] = GuardVerdict("over_context", "", "")
+        for i, text in zip(run, raw):
+            word = text.strip().split()[0].strip(".,:;!").lower() if text.strip() else ""
+            out[i] = GuardVerdict({"yes": "unsafe", "no": "safe"}.get(word, "unparsed"), "", text)
         return out
