@@ -16,7 +16,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE
-from sst_lab.evaluate.suites import LoadedSuite, SuiteSpec, load_suite
+from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, load_suite
 
 PRESETS = ("full", "minimal")
 ROLES = ("base", "utility", "safety", "merged", "other")
@@ -47,6 +47,12 @@ class EvaluateArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto | float32 | bfloat16 | float16."})
     static_cache: bool = field(default=False, metadata={"help": "Static KV cache in generate (GPU + compile)."})
     seed: int = field(default=0, metadata={"help": "Recorded and set (greedy decoding does not sample)."})
+    max_empty_rate: float = field(default=MAX_EMPTY_RATE, metadata={
+        "help": "A generation suite whose share of empty or degenerate responses (no letter or digit) exceeds "
+                "this is marked invalid (tag invalid_suites, metric <suite>/valid = 0); compare refuses it."})
+    trained_elsewhere: bool = field(default=False, metadata={
+        "help": "Accept an adapter folder without the SST_LAB_DONE marker or training_items.json (trained "
+                "outside sst-lab; no training-overlap check is possible); the run is tagged so."})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Local copy of tables and metrics (default outputs/<study>/<run_name>-<run id>)."})
@@ -61,6 +67,8 @@ class EvaluateArguments:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.suites:
             raise ConfigError("suites: give at least one suite (name or YAML path)")
+        if not 0 <= self.max_empty_rate <= 1:
+            raise ConfigError(f"max_empty_rate must be in [0, 1], got {self.max_empty_rate}")
         if len(set(self.suites)) != len(self.suites):
             raise ConfigError(f"suites: listed twice: {sorted({s for s in self.suites if self.suites.count(s) > 1})}")
 
@@ -90,7 +98,9 @@ def _without_source(spec: dict[str, Any]) -> dict[str, Any]:
 
 def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     """Resolve the adapter's lineage, the base model, the role and the suites (no model loading)."""
+    from sst_lab.adapters import ITEMS_FILE
     from sst_lab.config import to_dict
+    from sst_lab.io import is_complete
     from sst_lab.redact import redact
     from sst_lab.tracking.lineage import lineage_ids, resolve
     from sst_lab.tracking.run import TrackingError
@@ -131,6 +141,9 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
             "upstream_run_ids": ",".join(lineage_ids(adapter)) or "none",
             "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
             "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none"}
+    if adapter is not None and args.trained_elsewhere and not (
+            is_complete(adapter.path) and (Path(adapter.path) / ITEMS_FILE).is_file()):
+        tags["adapter_trained_elsewhere"] = "true"
     run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
     return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
                 config=config, config_for_id=for_id, run_name=run_name)
@@ -221,6 +234,7 @@ class Outcome:
 def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, study: str) -> Outcome:
     import torch
 
+    from sst_lab.adapters import check_adapter_folder, describe
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, preflight_guard
     from sst_lab.evaluate.suites import apply_guard, infer, load_items, suite_metrics
@@ -230,6 +244,10 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     if args.output_dir and Path(args.output_dir).exists():
         raise FileExistsError(f"output_dir {args.output_dir} already exists; sst-lab never overwrites outputs: "
                               "choose another output_dir")
+    if plan.adapter is not None:
+        a = plan.adapter
+        check_adapter_folder(a.path, where=describe("adapter", a.path, a.run_id, a.tags.get("stage")),
+                             trained_elsewhere=args.trained_elsewhere)
     torch.manual_seed(args.seed)
     shards = Shards()
     t0 = time.perf_counter()
@@ -247,6 +265,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     except ModelError as exc:
         raise ModelError(f"model {plan.base_model!r}, adapter {plan.adapter.ref if plan.adapter else None!r}: "
                          f"{exc}") from exc
+    engine.check_finite()
     run.set_tags(engine.load_tags)
     rows: dict[str, list[dict]] = {}
     for suite in loaded:
@@ -274,12 +293,35 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         omitted.update(o)
         metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     metrics["time/total_seconds"] = time.perf_counter() - t0
+    invalid = mark_validity(loaded, metrics, args.max_empty_rate)
+    run.set_tags({"invalid_suites": ",".join(invalid) or "none"})
     out_dir = None
     if run.enabled:
         _log(run, loaded, rows, metrics, omitted)
         out_dir = Path(args.output_dir or Path("outputs") / study / f"{plan.run_name}-{run.run_id[:8]}")
         _write_local(out_dir, loaded, rows, metrics, omitted)
     return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)
+
+
+def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], max_empty_rate: float) -> list[str]:
+    """``<group>/<suite>/valid`` (1/0) for every generation suite; the names of the invalid ones.
+
+    A suite is invalid when its share of empty or degenerate responses exceeds ``max_empty_rate``:
+    a broken model (NaN weights decode to nothing) must never read as "refused nothing harmful"."""
+    import sys
+
+    invalid = []
+    for suite in loaded:
+        key = f"{suite.spec.group}/{suite.spec.name}/empty_rate"
+        if key not in metrics:
+            continue  # letter-scored (mmlu) or no items
+        valid = metrics[key] <= max_empty_rate
+        metrics[f"{suite.spec.group}/{suite.spec.name}/valid"] = float(valid)
+        if not valid:
+            invalid.append(suite.spec.name)
+            print(f"[sst-lab] suite {suite.spec.name} is INVALID: {metrics[key]:.2f} of its responses are empty or "
+                  f"degenerate (max_empty_rate {max_empty_rate}); compare refuses it", file=sys.stderr)
+    return invalid
 
 
 def _suite_record(suite: LoadedSuite) -> dict[str, Any]:
