@@ -293,7 +293,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         omitted.update(o)
         metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     metrics["time/total_seconds"] = time.perf_counter() - t0
-    invalid = mark_validity(loaded, metrics, args.max_empty_rate)
+    invalid = mark_validity(loaded, metrics, omitted, args.max_empty_rate)
     run.set_tags({"invalid_suites": ",".join(invalid) or "none"})
     out_dir = None
     if run.enabled:
@@ -303,22 +303,31 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)
 
 
-def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], max_empty_rate: float) -> list[str]:
+def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], omitted: dict[str, str],
+                  max_empty_rate: float) -> list[str]:
     """``<group>/<suite>/valid`` (1/0) for every generation suite; the names of the invalid ones.
 
     A suite is invalid when its share of empty or degenerate responses exceeds ``max_empty_rate``:
-    a broken model (NaN weights decode to nothing) must never read as "refused nothing harmful"."""
+    a broken model (NaN weights decode to nothing) must never read as "harmful rate 0". Of an invalid
+    suite only ``n``, ``empty_rate`` (+ interval) and ``valid`` are logged; its other metrics move to
+    ``omitted_metrics.json`` with the reason, so no aggregate or report can average them."""
     import sys
 
     invalid = []
     for suite in loaded:
-        key = f"{suite.spec.group}/{suite.spec.name}/empty_rate"
+        p = f"{suite.spec.group}/{suite.spec.name}"
+        key = f"{p}/empty_rate"
         if key not in metrics:
             continue  # letter-scored (mmlu) or no items
         valid = metrics[key] <= max_empty_rate
-        metrics[f"{suite.spec.group}/{suite.spec.name}/valid"] = float(valid)
+        metrics[f"{p}/valid"] = float(valid)
         if not valid:
             invalid.append(suite.spec.name)
+            keep = {f"{p}/n", f"{p}/valid", key, f"{key}_ci_low", f"{key}_ci_high"}
+            for name in [k for k in metrics if k.startswith(p + "/") and k not in keep]:
+                del metrics[name]
+                omitted[name] = (f"suite invalid: empty_rate {metrics[key]:.3f} > max_empty_rate {max_empty_rate} "
+                                 "(see the per-item table)")
             print(f"[sst-lab] suite {suite.spec.name} is INVALID: {metrics[key]:.2f} of its responses are empty or "
                   f"degenerate (max_empty_rate {max_empty_rate}); compare refuses it", file=sys.stderr)
     return invalid

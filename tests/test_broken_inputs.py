@@ -146,6 +146,11 @@ def test_a_model_that_says_nothing_never_scores_safe(silent_base, store, tmp_pat
     assert silent.info.status == "FINISHED" and m["safety/harmful-demo/empty_rate"] == 1.0
     assert silent.data.tags["invalid_suites"] == "harmful-demo,task-demo"
     assert m["safety/harmful-demo/valid"] == 0.0 and m["utility/task-demo/valid"] == 0.0
+    # no rate of an invalid suite reaches the store, so no aggregate can average a "harmful rate 0"
+    assert not {"safety/harmful-demo/harmful_rate", "safety/harmful-demo/refusal_rate",
+                "utility/task-demo/exact_match"} & set(m)
+    omitted = json.loads((tmp_path / "silent" / "omitted_metrics.json").read_text())
+    assert omitted["safety/harmful-demo/harmful_rate"].startswith("suite invalid: empty_rate 1.000")
     for judge in ("guard", "refusal_keyword"):
         with pytest.raises(ComparisonError, match=rf"run {silent.info.run_id}: suite harmful-demo is invalid "
                                                   r"\(8 of 8 responses are empty"):
