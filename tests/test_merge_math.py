@@ -234,8 +234,9 @@ def test_plan_matches_by_name_and_lists_mismatches() -> None:
         plan_merge(_weights(["m.a"]), _weights(["m.a"], shape=(7, 5)))
     # a real mismatch names the adapters as the stage labels them (run ids), not a download folder
     with pytest.raises(AdapterMismatchError, match=r"safety_adapter \(train run 0123abcd.*\) on 'other'") as err:
-        plan_merge(_weights(["m.a"]), _weights(["m.a"], base="other"), utility_label="utility_adapter (train run "
-                   "4567cdef, artifact 'adapter')", safety_label="safety_adapter (train run 0123abcd, artifact 'adapter')")
+        plan_merge(_weights(["m.a"]), _weights(["m.a"], base="other"),
+                   utility_label="utility_adapter (train run 4567cdef, artifact 'adapter')",
+                   safety_label="safety_adapter (train run 0123abcd, artifact 'adapter')")
     assert "/adapters/" not in str(err.value)
 
 
