@@ -104,6 +104,21 @@ def test_evaluate_refuses_half_written_adapters_and_tags_trained_elsewhere(train
     assert run.info.status == "FINISHED" and run.data.tags["adapter_trained_elsewhere"] == "true"
 
 
+def test_merge_refuses_half_written_adapters_unless_trained_elsewhere(trained, store, tmp_path):
+    from sst_lab.merge.merge import main as merge
+
+    half = _copy(trained.safety_adapter, tmp_path / "half")
+    (half / "SST_LAB_DONE").unlink()
+    (half / "training_items.json").unlink()
+    common = ["--config", "configs/merge/tiny.yaml", "--utility_adapter", trained.utility_run, "--safety_adapter",
+              str(half), "--method", "linear", "--study", "tests-broken-merge", "--tracking_uri", store]
+    with pytest.raises(AdapterFolderError, match=r"safety_adapter \(.*half\): no SST_LAB_DONE marker"):
+        merge([*common, "--output_dir", str(tmp_path / "m1")])
+    merge([*common, "--trained_elsewhere", "true", "--output_dir", str(tmp_path / "m2")])
+    run = _last_run(store, "tests-broken-merge")
+    assert run.info.status == "FINISHED" and run.data.tags["adapter_trained_elsewhere"] == "safety_adapter"
+
+
 def test_the_engine_refuses_non_finite_weights(world):
     from sst_lab.evaluate.engine import EngineError, HFEngine
 
