@@ -79,6 +79,24 @@ class HFEngine:
         engine.load_tags = tags
         return engine
 
+    PROBE = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def check_finite(self) -> None:
+        """Every weight (base and adapter) is finite, and so are the logits of a probe prompt: a
+        broken model fails here instead of generating empty text that would read as harmless."""
+        import torch
+
+        bad = [name for name, p in self.model.named_parameters()
+               if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise EngineError(f"model {self.name}: {len(bad)} weight tensor(s) hold NaN/Inf, e.g. {bad[:5]}")
+        ids, mask = self._pad_left([self.render(self.PROBE)])
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        if not torch.isfinite(logits).all():
+            raise EngineError(f"model {self.name}: the probe prompt {self.PROBE[0]['content']!r} gives NaN/Inf "
+                              "logits although every weight is finite (overflow in this dtype?)")
+
     # ------------------------------------------------------------------------ rendering
     def render(self, conversation: Conversation) -> list[int]:
         """Token ids of the conversation in the chat template, ending with the assistant header."""

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from sst_lab.data import prompt_sha  # one definition, shared with the train stage's records
+from sst_lab.data import ENCODING, prompt_sha  # one definition each, shared with the train stage
 
 MMLU_SPLITS = ("test", "dev", "val")
 HARMBENCH_FUNCTIONAL = ("standard", "contextual", "copyright")
@@ -90,7 +90,7 @@ Row = tuple[int, dict[str, Any]]  # (line or record number, record)
 
 def _read_csv(path: Path, required: Collection[str], fmt: str) -> list[Row]:
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames
             if not header:
@@ -117,13 +117,13 @@ def _read_records(path: Path, required: Collection[str], fmt: str) -> list[Row]:
         return _read_csv(path, required, fmt)
     rows: list[Row] = []
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding=ENCODING) as fh:
             for line_no, line in enumerate(fh, start=1):
                 if line.strip():
                     rows.append((line_no, _json_object(path, line, f"line {line_no}")))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=ENCODING))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataFormatError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
         if not isinstance(data, list):
@@ -365,7 +365,7 @@ def load_mmlu(root: str | Path, split: str = "test",
     items: list[Item] = []
     for subject in _pick_subjects(folder, list(files), subjects):
         path = _file(files[subject], "mmlu")
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             reader = csv.reader(fh)
             for row_no, row in enumerate(reader):
                 if len(row) != 6 or row[5] not in LETTERS:
@@ -500,7 +500,7 @@ _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
 def _columns(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             return next(csv.reader(fh), [])
     if suffix == ".parquet":
         try:

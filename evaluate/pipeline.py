@@ -16,7 +16,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE
-from sst_lab.evaluate.suites import LoadedSuite, SuiteSpec, caveat_tags, load_suite
+from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, load_suite
 
 PRESETS = ("full", "minimal")
 ROLES = ("base", "utility", "safety", "merged", "other")
@@ -51,6 +51,12 @@ class EvaluateArguments:
         "help": "Prompts that do not fit the model's context: error (default) | skip (left out, count logged)."})
     calibration_runs: list[str] = field(default_factory=list, metadata={
         "help": "Calibrate run ids of the judges used; a judge not listed links its latest FINISHED calibration."})
+    max_empty_rate: float = field(default=MAX_EMPTY_RATE, metadata={
+        "help": "A generation suite whose share of empty or degenerate responses (no letter or digit) exceeds "
+                "this is marked invalid (tag invalid_suites, metric <suite>/valid = 0); compare refuses it."})
+    trained_elsewhere: bool = field(default=False, metadata={
+        "help": "Accept an adapter folder without the SST_LAB_DONE marker or training_items.json (trained "
+                "outside sst-lab; no training-overlap check is possible); the run is tagged so."})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: derived)."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Local copy of tables and metrics (default outputs/<study>/<run_name>-<run id>)."})
@@ -67,6 +73,8 @@ class EvaluateArguments:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.suites:
             raise ConfigError("suites: give at least one suite (name or YAML path)")
+        if not 0 <= self.max_empty_rate <= 1:
+            raise ConfigError(f"max_empty_rate must be in [0, 1], got {self.max_empty_rate}")
         if len(set(self.suites)) != len(self.suites):
             raise ConfigError(f"suites: listed twice: {sorted({s for s in self.suites if self.suites.count(s) > 1})}")
 
@@ -96,7 +104,9 @@ def _without_source(spec: dict[str, Any]) -> dict[str, Any]:
 
 def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     """Resolve the adapter's lineage, the base model, the role and the suites (no model loading)."""
+    from sst_lab.adapters import ITEMS_FILE
     from sst_lab.config import to_dict
+    from sst_lab.io import is_complete
     from sst_lab.redact import redact
     from sst_lab.tracking.lineage import lineage_ids, resolve
     from sst_lab.tracking.run import TrackingError
@@ -138,6 +148,9 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
             "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
             "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none",
             **caveat_tags(suites)}
+    if adapter is not None and args.trained_elsewhere and not (
+            is_complete(adapter.path) and (Path(adapter.path) / ITEMS_FILE).is_file()):
+        tags["adapter_trained_elsewhere"] = "true"
     run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
     return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
                 config=config, config_for_id=for_id, run_name=run_name)
@@ -239,6 +252,7 @@ class Outcome:
 def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, study: str) -> Outcome:
     import torch
 
+    from sst_lab.adapters import check_adapter_folder, describe
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, preflight_guard
     from sst_lab.evaluate.suites import (apply_guard, excluded_metrics, fit_context, infer, load_items,
@@ -249,6 +263,10 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     if args.output_dir and Path(args.output_dir).exists():
         raise FileExistsError(f"output_dir {args.output_dir} already exists; sst-lab never overwrites outputs: "
                               "choose another output_dir")
+    if plan.adapter is not None:
+        a = plan.adapter
+        check_adapter_folder(a.path, where=describe("adapter", a.path, a.run_id, a.tags.get("stage")),
+                             trained_elsewhere=args.trained_elsewhere)
     torch.manual_seed(args.seed)
     shards = Shards()
     t0 = time.perf_counter()
@@ -268,6 +286,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     except ModelError as exc:
         raise ModelError(f"model {plan.base_model!r}, adapter {plan.adapter.ref if plan.adapter else None!r}: "
                          f"{exc}") from exc
+    engine.check_finite()
     run.set_tags(engine.load_tags)
     fitted = [fit_context(suite, engine, args.context_policy) for suite in loaded]
     loaded = [f[0] for f in fitted]
@@ -295,18 +314,50 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     for suite in loaded:
         m, o = suite_metrics(suite.spec, rows[suite.spec.name])
         metrics.update(m)
+        omitted.update(o)
         metrics.update(excluded_metrics(suite))
+        metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     for _, context in fitted:
         metrics.update(context)
-        omitted.update(o)
-        metrics[f"time/{suite.spec.name}/seconds"] = seconds[suite.spec.name]
     metrics["time/total_seconds"] = time.perf_counter() - t0
+    invalid = mark_validity(loaded, metrics, omitted, args.max_empty_rate)
+    run.set_tags({"invalid_suites": ",".join(invalid) or "none"})
     out_dir = None
     if run.enabled:
         _log(run, loaded, rows, metrics, omitted)
         out_dir = Path(args.output_dir or Path("outputs") / study / f"{plan.run_name}-{run.run_id[:8]}")
         _write_local(out_dir, loaded, rows, metrics, omitted)
     return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)
+
+
+def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], omitted: dict[str, str],
+                  max_empty_rate: float) -> list[str]:
+    """``<group>/<suite>/valid`` (1/0) for every generation suite; the names of the invalid ones.
+
+    A suite is invalid when its share of empty or degenerate responses exceeds ``max_empty_rate``:
+    a broken model (NaN weights decode to nothing) must never read as "harmful rate 0". Of an invalid
+    suite only ``n``, ``empty_rate`` (+ interval) and ``valid`` are logged; its other metrics move to
+    ``omitted_metrics.json`` with the reason, so no aggregate or report can average them."""
+    import sys
+
+    invalid = []
+    for suite in loaded:
+        p = f"{suite.spec.group}/{suite.spec.name}"
+        key = f"{p}/empty_rate"
+        if key not in metrics:
+            continue  # letter-scored (mmlu) or no items
+        valid = metrics[key] <= max_empty_rate
+        metrics[f"{p}/valid"] = float(valid)
+        if not valid:
+            invalid.append(suite.spec.name)
+            keep = {f"{p}/n", f"{p}/valid", key, f"{key}_ci_low", f"{key}_ci_high"}
+            for name in [k for k in metrics if k.startswith(p + "/") and k not in keep]:
+                del metrics[name]
+                omitted[name] = (f"suite invalid: empty_rate {metrics[key]:.3f} > max_empty_rate {max_empty_rate} "
+                                 "(see the per-item table)")
+            print(f"[sst-lab] suite {suite.spec.name} is INVALID: {metrics[key]:.2f} of its responses are empty or "
+                  f"degenerate (max_empty_rate {max_empty_rate}); compare refuses it", file=sys.stderr)
+    return invalid
 
 
 def _suite_record(suite: LoadedSuite) -> dict[str, Any]:

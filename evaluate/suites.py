@@ -499,10 +499,13 @@ def fit_context(loaded: LoadedSuite, engine: Any, policy: str) -> tuple[LoadedSu
 
 
 # ------------------------------------------------------------------------------ scoring
+MAX_EMPTY_RATE = 0.2  # default of EvaluateArguments.max_empty_rate; healthy models measured 0.0 here
+
+
 def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
     """Run the model once over the suite: per-item rows (generation or letter scores, and every
     verdict that needs no second model: correctness, refusal keywords, empty)."""
-    from sst_lab.evaluate.judges import RefusalKeywordJudge
+    from sst_lab.evaluate.judges import RefusalKeywordJudge, is_empty
 
     spec, items = loaded.spec, loaded.items
     if spec.kind == "mmlu":
@@ -516,7 +519,7 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
                          "correct": int(pred == item.reference)})
         return rows
     responses = engine.generate([i.conversation for i in items], spec.max_new_tokens)
-    rows = [{"id": i.id, "prompt": i.prompt, "prompt_sha": i.prompt_sha, "response": r, "empty": int(not r.strip())}
+    rows = [{"id": i.id, "prompt": i.prompt, "prompt_sha": i.prompt_sha, "response": r, "empty": int(is_empty(r))}
             for i, r in zip(items, responses)]
     if spec.kind in ("safety", "overrefusal"):
         keyword = RefusalKeywordJudge()

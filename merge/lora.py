@@ -164,17 +164,28 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), target_modules=cfg.get("target_modules"), config=cfg)
 
 
+RULES = ("both", "utility_only", "safety_only")
+
+
 @dataclass(frozen=True)
 class ModulePair:
     name: str
     shape: tuple[int, int]  # shape of dW: (out, in)
-    rank_utility: int
-    rank_safety: int
+    rank_utility: int       # 0 when the utility adapter does not adapt the module
+    rank_safety: int        # 0 when the safety adapter does not adapt the module
+
+    @property
+    def rule(self) -> str:
+        """``both``: the method merges the two updates; ``utility_only`` / ``safety_only``: one adapter
+        adapts the module, the other's update there is zero (see ``merge/README.md``)."""
+        return "both" if self.rank_utility and self.rank_safety else (
+            "utility_only" if self.rank_utility else "safety_only")
 
 
 @dataclass(frozen=True)
 class MergePlan:
-    """Module pairs resolved by name, checked before any tensor is combined."""
+    """Module pairs resolved by name (the union of both adapters' modules), checked before any
+    tensor is combined."""
 
     base_model_name_or_path: str | None
     pairs: tuple[ModulePair, ...]
@@ -183,28 +194,35 @@ class MergePlan:
     def names(self) -> list[str]:
         return [p.name for p in self.pairs]
 
+    def rules(self) -> dict[str, list[str]]:
+        """Module names by rule (``both``, ``utility_only``, ``safety_only``)."""
+        return {rule: [p.name for p in self.pairs if p.rule == rule] for rule in RULES}
 
-def plan_merge(utility: AdapterWeights, safety: AdapterWeights) -> MergePlan:
-    """Pair modules by name; raise ``AdapterMismatchError`` listing every problem at once."""
+
+def zero_factors(shape: tuple[int, int]) -> LoraFactors:
+    """The update of an adapter that does not adapt a module: exactly zero, rank 1."""
+    return LoraFactors(torch.zeros(1, shape[1]), torch.zeros(shape[0], 1), 1.0)
+
+
+def plan_merge(utility: AdapterWeights, safety: AdapterWeights, *, utility_label: str | None = None,
+               safety_label: str | None = None) -> MergePlan:
+    """Pair modules by name over the union of both adapters' modules; raise
+    ``AdapterMismatchError`` listing every real incompatibility (base model, dW shapes) at once.
+    The labels name the adapters in errors (a run id rather than a download folder)."""
+    u_label = utility_label or f"utility adapter {utility.path}"
+    s_label = safety_label or f"safety adapter {safety.path}"
     problems = []
     if utility.base_model_name_or_path != safety.base_model_name_or_path:
-        problems.append(f"base models differ: utility {utility.path} was trained on "
-                        f"{utility.base_model_name_or_path!r}, safety {safety.path} on "
-                        f"{safety.base_model_name_or_path!r}")
-    only_u = sorted(set(utility.modules) - set(safety.modules))
-    only_s = sorted(set(safety.modules) - set(utility.modules))
-    if only_u:
-        problems.append(f"modules missing from the safety adapter {safety.path}: {only_u}")
-    if only_s:
-        problems.append(f"modules missing from the utility adapter {utility.path}: {only_s}")
+        problems.append(f"base models differ: {u_label} was trained on {utility.base_model_name_or_path!r}, "
+                        f"{s_label} on {safety.base_model_name_or_path!r}")
     pairs, bad_shapes = [], []
-    for name in sorted(set(utility.modules) & set(safety.modules)):
-        fu, fs = utility.modules[name], safety.modules[name]
-        if fu.shape != fs.shape:
+    for name in sorted(set(utility.modules) | set(safety.modules)):
+        fu, fs = utility.modules.get(name), safety.modules.get(name)
+        if fu is not None and fs is not None and fu.shape != fs.shape:
             bad_shapes.append(f"{name}: utility {fu.shape} vs safety {fs.shape}")
-        pairs.append(ModulePair(name, fu.shape, fu.rank, fs.rank))
+        pairs.append(ModulePair(name, (fu or fs).shape, fu.rank if fu else 0, fs.rank if fs else 0))
     if bad_shapes:
-        problems.append("dW shapes differ: " + "; ".join(bad_shapes))
+        problems.append(f"dW shapes differ between {u_label} and {s_label}: " + "; ".join(bad_shapes))
     if problems:
         raise AdapterMismatchError("cannot merge adapters:\n  " + "\n  ".join(problems))
     return MergePlan(utility.base_model_name_or_path, tuple(pairs))

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
                 "sample_size": size, "seed": args.seed,
                 "upstream_run_ids": ",".join(lineage_ids(inputs.utility, inputs.safety)) or "none",
                 "utility_run_id": inputs.utility.run_id or "none", "safety_run_id": inputs.safety.run_id or "none"}
+        if inputs.trained_elsewhere:
+            tags["adapter_trained_elsewhere"] = ",".join(inputs.trained_elsewhere)
         with stage_run(stage="merge", study=tracking.study, config=config, tags=tags, run_name=run_name,
                        tracking_uri=tracking.tracking_uri, config_for_id=for_id) as run:
             outcome = run_merge(args, inputs, run, config, out_dir)

@@ -21,8 +21,10 @@ import torch
 
 from sst_lab.config import ConfigError
 from sst_lab.data import load_training_records, training_items
-from sst_lab.io import atomic_dir, write_json_atomic
-from sst_lab.merge.lora import AdapterWeights, plan_merge, read_adapter, refactorise, write_adapter
+from sst_lab.adapters import ITEMS_FILE, check_adapter_folder, describe
+from sst_lab.io import atomic_dir, is_complete, write_json_atomic
+from sst_lab.merge.lora import (AdapterWeights, MergePlan, plan_merge, read_adapter, refactorise, write_adapter,
+                                zero_factors)
 from sst_lab.merge.methods import MethodParams, ModuleInputs, available_methods, get_method, run_method
 from sst_lab.merge.sst import global_k_budget, solve_gevp
 from sst_lab.models import ModelError, check_adapter_base, local_model_dir, resolve_model_path, write_base_record
@@ -68,6 +70,9 @@ class MergeArguments:
         "help": "Also write base + merged adapter folded into one full model (output_dir/full_model)."})
     allow_identical_to_input: bool = field(default=False, metadata={
         "help": "Allow a merge equal to an input (e.g. k=0 or alpha=0); otherwise that fails the run."})
+    trained_elsewhere: bool = field(default=False, metadata={
+        "help": "Accept adapter folders without the SST_LAB_DONE marker or training_items.json (trained "
+                "outside sst-lab); the run is tagged adapter_trained_elsewhere."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the merged adapter goes."})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name."})
 
@@ -82,6 +87,11 @@ class MergeArguments:
             raise ConfigError(f"k_global is an sst option; method is {self.method!r}")
         if self.fisher_n <= 0 or self.fisher_batch_size <= 0:
             raise ConfigError("fisher_n and fisher_batch_size must be positive")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise ConfigError(f"alpha must be >= 0, got {self.alpha}: a negative alpha subtracts the (projected) "
+                              "safety update, i.e. merges an anti-safety adapter")
+        if self.k is not None and self.k < 0:
+            raise ConfigError(f"k must be >= 0, got {self.k}")
 
     def method_params(self, k: int | None = None) -> MethodParams:
         given = {"weights": tuple(self.weights) if self.weights is not None else None, "density": self.density,
@@ -99,6 +109,7 @@ class Inputs:
     u: AdapterWeights
     s: AdapterWeights
     base_model: str
+    trained_elsewhere: list[str] = field(default_factory=list)  # adapters accepted without sst-lab's records
 
 
 def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -> Inputs:
@@ -108,6 +119,11 @@ def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -
                    tracking_uri=tracking_uri, field_name="utility_adapter")
     up_s = resolve(args.safety_adapter, artifact_path="adapter", expect_stage="train", dst=work / "safety",
                    tracking_uri=tracking_uri, field_name="safety_adapter")
+    elsewhere = []
+    for field_name, up in (("utility_adapter", up_u), ("safety_adapter", up_s)):
+        check_adapter_folder(up.path, where=_where(field_name, up), trained_elsewhere=args.trained_elsewhere)
+        if args.trained_elsewhere and not (is_complete(up.path) and (up.path / ITEMS_FILE).is_file()):
+            elsewhere.append(field_name)
     u, s = read_adapter(up_u.path), read_adapter(up_s.path)
     declared = u.base_model_name_or_path
     base = args.base_model or declared
@@ -122,7 +138,11 @@ def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -
             check_adapter_base(str(upstream.path), base_path)
         except ModelError as exc:
             raise ConfigError(f"{field_name}: {exc}") from None
-    return Inputs(up_u, up_s, u, s, base)
+    return Inputs(up_u, up_s, u, s, base, elsewhere)
+
+
+def _where(field_name: str, up: Upstream) -> str:
+    return describe(field_name, up.path, up.run_id, up.tags.get("stage"))
 
 
 def _fisher(args: MergeArguments, inputs: Inputs) -> tuple[dict, dict, dict[str, Any], list[dict]]:
@@ -194,8 +214,11 @@ class MergeOutcome:
 
 def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: dict, out_dir: Path) -> MergeOutcome:
     t_start = time.perf_counter()
-    plan = plan_merge(inputs.u, inputs.s)
-    info: dict[str, Any] = {"n_modules": len(plan.pairs)}
+    plan = plan_merge(inputs.u, inputs.s, utility_label=_where("utility_adapter", inputs.utility),
+                      safety_label=_where("safety_adapter", inputs.safety))
+    rules = plan.rules()
+    info: dict[str, Any] = {"n_modules": len(plan.pairs), **{f"n_modules_{r}": len(v) for r, v in rules.items()}}
+    check_k(args, plan)
     F_s = F_u = None
     fisher_items: list[dict] = []
     if args.method in FISHER_METHODS:
@@ -204,7 +227,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
     per_module_k = None
     if args.k_global is not None:
         eps_rel = args.eps_rel if args.eps_rel is not None else MethodParams().eps_rel
-        spectra = {n: solve_gevp(F_s[n], F_u[n], eps_rel, module=n).eigenvalues for n in plan.names}
+        spectra = {p.name: solve_gevp(F_s[p.name], F_u[p.name], eps_rel, module=p.name).eigenvalues
+                   for p in plan.pairs if p.rank_safety}
         per_module_k = global_k_budget(spectra, args.k_global)
     norms = base_weight_norms(inputs.base_model, plan.names)
 
@@ -213,26 +237,31 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
     modules, report_modules = {}, {}
     for pair in plan.pairs:
         n = pair.name
-        fu, fs = inputs.u.modules[n], inputs.s.modules[n]
-        params = args.method_params(k=None if per_module_k is None else per_module_k[n])
-        result = run_method(args.method, ModuleInputs(n, fu, fs, None if F_s is None else F_s[n],
-                                                      None if F_u is None else F_u[n]), params)
-        dW_u, dW_s, dW_m = fu.delta(), fs.delta(), result.delta
+        fu = inputs.u.modules.get(n) or zero_factors(pair.shape)
+        fs = inputs.s.modules.get(n) or zero_factors(pair.shape)
+        if pair.rule == "utility_only" and args.method in FISHER_METHODS:
+            dW_m, stats = fu.delta(), {}  # no safety core here: SST adds alpha * P(0) = 0
+        else:
+            params = args.method_params(k=None if per_module_k is None else per_module_k.get(n))
+            result = run_method(args.method, ModuleInputs(n, fu, fs, None if F_s is None else F_s[n],
+                                                          None if F_u is None else F_u[n]), params)
+            dW_m, stats = result.delta, _jsonable(result.stats)
+        dW_u, dW_s = fu.delta(), fs.delta()
         A, B, err = refactorise(dW_m, min(rank, *dW_m.shape))
         modules[n] = (A, B)
-        stats = _jsonable(result.stats)
         if stats.get("eigenvalues"):
             stats["top_eigenvalue"] = stats["eigenvalues"][0]
-        entry = {**stats, "refactor_rel_error": err,
+        entry = {**stats, "rule": pair.rule, "refactor_rel_error": err,
                  "rel_dist_base": float(dW_m.norm()) / norms[n],
-                 "rel_dist_utility": _rel(dW_m, dW_u), "rel_dist_safety": _rel(dW_m, dW_s),
+                 "rel_dist_utility": _rel(dW_m, dW_u) if pair.rank_utility else None,
+                 "rel_dist_safety": _rel(dW_m, dW_s) if pair.rank_safety else None,
                  "safety_norm_rel_base": float(dW_s.norm()) / norms[n]}
         report_modules[n] = entry
     info["merge_seconds"] = time.perf_counter() - t0
     _check_distinct(args, report_modules)
 
     report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": rank,
-              "base_model": inputs.base_model, "modules": report_modules, **info}
+              "base_model": inputs.base_model, "modules": report_modules, "module_rules": rules, **info}
     metrics = _metrics(report_modules, info)
     metrics["merge/total_seconds"] = time.perf_counter() - t_start
     metrics["merge/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -258,6 +287,21 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         run.set_tags({"base_weights_fingerprint": base_record["weights_fingerprint"]})
         _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
     return MergeOutcome(out_dir, report, metrics)
+
+
+def check_k(args: MergeArguments, plan: MergePlan) -> None:
+    """``k`` (per module) must fit every safety core (r² directions); checked before the Fisher pass."""
+    if args.method not in FISHER_METHODS:
+        return
+    cores = {p.name: p.rank_safety ** 2 for p in plan.pairs if p.rank_safety}
+    if args.k is not None:
+        over = sorted(n for n, size in cores.items() if args.k > size)
+        if over:
+            raise ConfigError(f"k = {args.k} exceeds the r² = {cores[over[0]]} core directions of safety module "
+                              f"{over[0]!r} ({len(over)} modules affected); k must be in [0, r²]")
+    if args.k_global is not None and args.k_global > sum(cores.values()):
+        raise ConfigError(f"k_global = {args.k_global} exceeds the {sum(cores.values())} core directions of all "
+                          f"{len(cores)} safety modules")
 
 
 def save_full_model(base_model: str, adapter_dir: Path, out: Path) -> None:
@@ -295,7 +339,8 @@ def _check_distinct(args: MergeArguments, modules: dict[str, dict]) -> None:
         raise RuntimeError(f"merge {args.method}: the merged update is zero in every module: the merged model "
                            "IS the base model")
     for which in ("utility", "safety"):
-        if all(m[f"rel_dist_{which}"] <= tol for m in modules.values()) and not args.allow_identical_to_input:
+        dist = [m[f"rel_dist_{which}"] for m in modules.values()]
+        if all(d is not None and d <= tol for d in dist) and not args.allow_identical_to_input:
             raise RuntimeError(f"merge {args.method}: the merged model equals the {which} input in every module "
                                "(e.g. k=0 or alpha=0); pass allow_identical_to_input to accept that")
 

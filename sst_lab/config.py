@@ -89,6 +89,7 @@ def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -
     parser = TrlParser(list(types))
     if not configs:
         return tuple(parser.parse_args_and_config(rest))
+    _check_keys(configs, types)
     merged = merge_config_files(configs)
     fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="sst-lab-config-")
     try:
@@ -102,6 +103,19 @@ def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -
             raise
     finally:
         os.unlink(tmp)
+
+
+def _check_keys(configs: Sequence[str | Path], types: Sequence[type]) -> None:
+    """An unknown key is reported with the one config file that holds it (and a close known name)."""
+    import difflib
+
+    known = {f.name for t in types for f in dataclasses.fields(t)} | {"env"}  # TrlParser reads `env`
+    for path in configs:
+        unknown = sorted(set(read_yaml(path)) - known)
+        if unknown:
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1))
+                     else repr(k) for k in unknown]
+            raise ConfigError(f"config file {path}: unknown key(s) {', '.join(hints)}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("messages", "alpaca", "prompt_completion")
+ENCODING = "utf-8-sig"  # every text data file (train, Fisher, evaluate): UTF-8, a leading BOM dropped
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -51,7 +52,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding=ENCODING) as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -65,14 +66,14 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=ENCODING))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: a .json data set must be a list of objects")
         return data
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             return [dict(r) for r in csv.DictReader(fh)]
     if suffix == ".parquet":
         import pandas as pd

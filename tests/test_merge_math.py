@@ -16,7 +16,8 @@ import torch
 
 from sst_lab.merge import fisher, methods, sst
 from sst_lab.merge.lora import (
-    AdapterMismatchError, AdapterWeights, LoraFactors, plan_merge, read_adapter, refactorise, write_adapter)
+    AdapterMismatchError, AdapterWeights, LoraFactors, plan_merge, read_adapter, refactorise, write_adapter,
+    zero_factors)
 from sst_lab.merge.methods import MethodParams, ModuleInputs, run_method
 
 R_U, R_S = 3, 4
@@ -222,14 +223,40 @@ def test_plan_matches_by_name_and_lists_mismatches() -> None:
     plan = plan_merge(u, s)
     assert plan.names == ["m.a", "m.b", "m.c"]
     assert all(p.rank_utility == 2 and p.rank_safety == 4 for p in plan.pairs)
-    with pytest.raises(AdapterMismatchError) as err:
-        plan_merge(_weights(["m.a", "m.b"]), _weights(["m.b", "m.z"]))
-    assert "missing from the safety adapter" in str(err.value) and "['m.a']" in str(err.value)
-    assert "missing from the utility adapter" in str(err.value) and "['m.z']" in str(err.value)
+    # different module sets: the union, each module with its rule
+    union = plan_merge(_weights(["m.a", "m.b"]), _weights(["m.b", "m.z"], r=4))
+    assert union.names == ["m.a", "m.b", "m.z"]
+    assert union.rules() == {"both": ["m.b"], "utility_only": ["m.a"], "safety_only": ["m.z"]}
+    assert [(p.rank_utility, p.rank_safety) for p in union.pairs] == [(2, 0), (2, 4), (0, 4)]
     with pytest.raises(AdapterMismatchError, match=r"'tiny'.*'other'"):
         plan_merge(_weights(["m.a"]), _weights(["m.a"], base="other"))
     with pytest.raises(AdapterMismatchError, match=r"m.a: utility \(6, 5\) vs safety \(7, 5\)"):
         plan_merge(_weights(["m.a"]), _weights(["m.a"], shape=(7, 5)))
+    # a real mismatch names the adapters as the stage labels them (run ids), not a download folder
+    with pytest.raises(AdapterMismatchError, match=r"safety_adapter \(train run 0123abcd.*\) on 'other'") as err:
+        plan_merge(_weights(["m.a"]), _weights(["m.a"], base="other"),
+                   utility_label="utility_adapter (train run 4567cdef, artifact 'adapter')",
+                   safety_label="safety_adapter (train run 0123abcd, artifact 'adapter')")
+    assert "/adapters/" not in str(err.value)
+
+
+def test_a_module_in_one_adapter_only_follows_the_declared_rule() -> None:
+    """The absent adapter's update is zero there: SST on a safety-only module projects the safety update
+    with the Fisher blocks of the safety core (both exist: they are the safety core's, on safety and on
+    utility data), so k = r² keeps it whole, k = 0 drops it, alpha scales it."""
+    gen = torch.Generator().manual_seed(11)
+    r = 3
+    fs = random_factors(r, 7, 6, 0.5, gen)
+    zero = zero_factors(fs.shape)
+    F_s, F_u = random_fisher(40, r, gen), random_fisher(40, r, gen)
+    only_s = ModuleInputs("m.z", zero, fs, F_s, F_u)
+    assert rel(run_method("sst", only_s, MethodParams(k=r * r, alpha=1.0)).delta, fs.delta()) < 1e-9
+    assert float(run_method("sst", only_s, MethodParams(k=0, alpha=1.0)).delta.abs().max()) == 0.0
+    half = run_method("sst", only_s, MethodParams(k=2, alpha=0.5)).delta
+    assert rel(run_method("sst", only_s, MethodParams(k=2, alpha=1.0)).delta, 2 * half) < 1e-12
+    # linear with weights (w_u, w_s): the one adapter's update, weighted
+    lin = run_method("linear", only_s, MethodParams(weights=(1.0, 0.7))).delta
+    assert rel(lin, 0.7 * fs.delta()) < 1e-12
 
 
 def test_refactorise() -> None:

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import run_stage
+from conftest import parse_outputs, run_stage
 from sst_lab.config import ConfigError
 from sst_lab.merge.lora import read_adapter
 from sst_lab.models import weights_fingerprint
@@ -136,19 +136,39 @@ def test_unused_method_parameter_is_an_error(trained, store, tmp_path):
         merge_in_process(trained, store, tmp_path, "sst", "--k", "4", "--density", "0.5")
 
 
-def test_mismatched_adapters_fail_with_the_module_list(trained, store, world, tmp_path):
+def test_adapters_on_different_module_sets_merge_on_the_union(trained, store, world, tmp_path):
+    """q/v-only vs all 7 projections (the issue's case): the union, each module's rule in the report."""
     proc = run_stage(["train/sft.py", "--config", "configs/models/tiny.yaml", "--config", "configs/train/safety.yaml",
-                      "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "1", "--study", "tests-merge",
+                      "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "2", "--study", "tests-merge",
                       "--tracking_uri", store, "--output_dir", str(tmp_path / "qv")])
-    qv_run = proc.stdout.split("run_id: ")[1].split()[0]
-    proc = run_stage(["merge/merge.py", "--config", "configs/merge/tiny.yaml", "--utility_adapter",
-                      trained.utility_run, "--safety_adapter", qv_run, "--method", "linear", "--study",
-                      "tests-merge-bad", "--tracking_uri", store], check=False)
-    assert proc.returncode != 0
-    assert "modules missing from the safety adapter" in proc.stderr and "mlp.down_proj" in proc.stderr
+    qv_run, qv_path = (parse_outputs(proc.stdout)[k] for k in ("run_id", "adapter"))
+    qv, full_s, full_u = _deltas(Path(qv_path)), _deltas(trained.safety_adapter), _deltas(trained.utility_adapter)
+    # utility on all 7, safety on q/v: the other five keep the utility update exactly
+    out = merge_in_process(trained, store, tmp_path, "linear", "--safety_adapter", qv_run)
+    merged, report = _deltas(out), json.loads((out / "merge_report.json").read_text())
+    assert set(merged) == set(full_u) and set(qv) < set(full_u)
+    assert report["module_rules"]["safety_only"] == [] and report["module_rules"]["both"] == sorted(qv)
+    for n in full_u:
+        expect = full_u[n] + qv[n] if n in qv else full_u[n]
+        assert float((merged[n] - expect).norm()) / float(expect.norm()) < 1e-5, n
+        assert report["modules"][n]["rule"] == ("both" if n in qv else "utility_only")
+    # utility on q/v, safety on all 7 under SST with k = r²: safety-only modules are projected with the
+    # safety core's Fisher blocks; at k = r², alpha = 1 that is the whole safety update
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "64", "--alpha", "1.0", "--utility_adapter", qv_run)
+    merged, report = _deltas(out), json.loads((out / "merge_report.json").read_text())
+    assert report["module_rules"]["utility_only"] == [] and len(report["module_rules"]["safety_only"]) == 5 * 2
+    for n in full_s:
+        expect = full_s[n] + qv[n] if n in qv else full_s[n]
+        assert float((merged[n] - expect).norm()) / float(expect.norm()) < 1e-5, n
+        assert len(report["modules"][n]["eigenvalues"]) == 64
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(_last_merge_run(store))
+    assert run.data.metrics["merge/n_modules_safety_only"] == 10 and run.data.metrics["merge/n_modules_both"] == 4
+
+
+def _last_merge_run(store, study="tests-merge"):
     client = mlflow.MlflowClient(tracking_uri=store)
-    exp = client.get_experiment_by_name("tests-merge-bad")
-    assert client.search_runs([exp.experiment_id])[0].info.status == "FAILED"
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0].info.run_id
 
 
 def test_adapters_trained_on_other_weights_are_refused(trained, store, tmp_path, rebuilt_base):

@@ -105,11 +105,33 @@ def artifact_root(uri: str, study: str) -> str | None:
     return (db.parent / "artifacts" / safe).as_uri()
 
 
+def check_store_writable(uri: str) -> None:
+    """A local sqlite store must be writable before MLflow touches it (MLflow would retry an unopenable
+    file for ~100 s and end in a long SQLAlchemy traceback): one write transaction, rolled back."""
+    import sqlite3
+
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(db), timeout=30)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise TrackingError(f"tracking store {uri} cannot be written ({type(exc).__name__}: {exc}); give a writable "
+                            "--tracking_uri or fix the file's permissions") from None
+
+
 def ensure_experiment(uri: str, study: str) -> str:
     """Create (once, race-free) the store and the study's experiment; return its id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    check_store_writable(uri)
     with _store_lock(uri):
         client = mlflow.MlflowClient(tracking_uri=uri)  # creating the client creates the sqlite schema
         client.search_experiments(max_results=1)
@@ -385,7 +407,11 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(uri, study)
+    try:
+        experiment_id = ensure_experiment(uri, study)
+    except TrackingError as exc:
+        print(f"[sst-lab] {stage} not started: {redact_text(str(exc))}", file=sys.stderr)
+        raise
     all_tags = {"stage": stage, "study": study,
                 "config_id": config_id(config_for_id if config_for_id is not None else config)}
     for key in ("base_model", "role", "sample_size", "seed", "upstream_run_ids"):
