@@ -53,9 +53,9 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 )
 KEYWORD_JUDGE = "refusal_keyword"
 GUARD_JUDGE = "guard"
-TEMPLATE_JUDGE = "classifier"  # a yes/no classifier prompted with a template file (calibrate only, so far)
+TEMPLATE_JUDGE = "classifier"  # a yes/no classifier prompted with a template file
 TEMPLATE_FIELDS = ("behavior", "generation", "context")
-JUDGES = (KEYWORD_JUDGE, GUARD_JUDGE)
+JUDGES = (KEYWORD_JUDGE, GUARD_JUDGE, TEMPLATE_JUDGE)
 GUARD_MAX_NEW_TOKENS = 10  # "unsafe\nS1,S10" is at most ~8 tokens in Llama 3's vocabulary
 
 _FIRST_WORD = re.compile(r"^(safe|unsafe)\b", re.I)
@@ -288,15 +288,34 @@ class TemplateJudge:
     def render(self, behavior: str, generation: str, context: str = "") -> str:
         return self.template.format(behavior=behavior, generation=generation, context=context)
 
-    def judge(self, prompts: Sequence[str], responses: Sequence[str], *, over_context: str = "error"
-              ) -> list[GuardVerdict]:
+    @property
+    def uses_context(self) -> bool:
+        import string
+
+        return "context" in {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str], *, over_context: str = "error",
+              contexts: Sequence[str] | None = None) -> list[GuardVerdict]:
+        """``prompts`` are the behaviours; ``contexts`` the HarmBench context strings (a template with
+        ``{context}`` needs one for every item, a template without it accepts none: HarmBench uses
+        one prompt for standard and another for contextual behaviours)."""
         if len(prompts) != len(responses):
             raise ValueError(f"classifier: {len(prompts)} prompts but {len(responses)} responses")
+        contexts = list(contexts) if contexts is not None else [""] * len(prompts)
+        missing = [k for k, c in enumerate(contexts) if not c]
+        if self.uses_context and missing:
+            raise JudgeError(f"classifier {self.model_ref}: its template uses {{context}} but {len(missing)} of "
+                             f"{len(prompts)} items have no context (HarmBench's contextual prompt is for contextual "
+                             "behaviours only; judge standard behaviours in a suite of their own)")
+        if not self.uses_context and len(missing) < len(contexts):
+            raise JudgeError(f"classifier {self.model_ref}: {len(contexts) - len(missing)} items are contextual "
+                             "behaviours but its template has no {context} field (use HarmBench's contextual "
+                             "prompt for them, in a suite of their own)")
         if over_context not in ("error", "mark"):
             raise ValueError(f"classifier: over_context must be 'error' or 'mark', got {over_context!r}")
         tok = self.engine.tokenizer
         todo = [i for i, r in enumerate(responses) if not is_empty(r)]
-        encoded = {i: list(tok(self.render(prompts[i], responses[i]))["input_ids"]) for i in todo}
+        encoded = {i: list(tok(self.render(prompts[i], responses[i], contexts[i]))["input_ids"]) for i in todo}
         config = getattr(getattr(self.engine, "model", None), "config", None)
         limit = getattr(config, "max_position_embeddings", None)
         too_long = {i for i in todo if isinstance(limit, int) and len(encoded[i]) + self.max_new_tokens > limit}

@@ -24,8 +24,8 @@ data               ``path`` (``tiny-world:<file>`` or a path relative to the wor
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
                    ``subjects`` (MMLU), ``options`` (extra loader arguments, e.g. HarmBench
                    ``exclude_functional: [copyright]``)
-judges             safety/overrefusal: ``refusal_keyword`` and/or ``guard`` (default: both
-                   safety, ``[refusal_keyword]`` overrefusal)
+judges             safety/overrefusal: ``refusal_keyword`` plus ``guard`` and/or ``classifier``
+                   (default: keyword + guard for safety, ``[refusal_keyword]`` overrefusal)
 max_new_tokens     generation kinds (required)
 shots              mmlu/gsm8k: number of exemplars (default 0)
 fewshot            mmlu: exemplar source (default: the dev split of ``data.path``); gsm8k:
@@ -59,7 +59,7 @@ import yaml
 
 from sst_lab.data import prompt_sha
 from sst_lab.evaluate import loaders as L
-from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, TEMPLATE_JUDGE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
@@ -199,7 +199,7 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     bad = [j for j in judges if j not in JUDGES]
     if bad or (kind in ("safety", "overrefusal") and KEYWORD_JUDGE not in judges):
         raise SuiteError(f"{where}: judges {list(judges)} must include {KEYWORD_JUDGE!r} and may add "
-                         f"{GUARD_JUDGE!r}; unknown: {bad}")
+                         f"{GUARD_JUDGE!r} and/or {TEMPLATE_JUDGE!r}; unknown: {bad}")
     max_new = raw.get("max_new_tokens")
     if "max_new_tokens" in _KIND_KEYS[kind] and (not isinstance(max_new, int) or max_new < 1):
         raise SuiteError(f"{where}: max_new_tokens (a positive integer) is required for kind {kind!r}")
@@ -269,6 +269,8 @@ class EvalItem:
     choices: tuple[str, ...] | None = None
     category: str | None = None      # HarmBench SemanticCategory, StrongREJECT/JBB category, XSTest type
     functional: str | None = None    # HarmBench FunctionalCategory (standard / contextual)
+    behavior: str | None = None      # HarmBench: the behaviour alone (what its classifier is shown)
+    context: str | None = None       # HarmBench contextual: the context string
     context_text: str | None = None  # lm-eval-plain MMLU: the whole context string (no chat template)
     continuations: tuple[str, ...] | None = None  # lm-eval MMLU: the scored continuation of each choice
 
@@ -439,7 +441,8 @@ def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int, dic
                              f"{path} has labels {bad} (a benign set: declare data.options.label: safe)")
     out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label,
                     category=i.meta.get("type") if fmt in ("xstest", "stl") else i.label,
-                    functional=i.meta.get("functional_category")) for i in items]
+                    functional=i.meta.get("functional_category"), behavior=i.meta.get("behavior"),
+                    context=i.meta.get("context") or None) for i in items]
     return out, len(out), excluded
 
 
@@ -575,6 +578,10 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
                        refusal_keyword_phrase=v.phrase, refused=int(v.verdict == "refusal"))
             if item.functional:
                 row["functional_category"] = item.functional
+            if item.behavior is not None:
+                row["behavior"] = item.behavior
+            if item.context:
+                row["context"] = item.context
     else:
         for item, row in zip(items, rows):
             row.update(reference=item.reference, **_correct(spec, row["response"], item.reference or ""))
@@ -616,6 +623,21 @@ def apply_guard(rows: list[dict[str, Any]], verdicts: Sequence[Any], label: str)
         row["judges_agree"] = ("n/a" if not both else
                                "agree" if (row["refusal_keyword"] == "compliance") == (v.verdict == "unsafe")
                                else "disagree")
+
+
+def apply_classifier(rows: list[dict[str, Any]], verdicts: Sequence[Any], label: str) -> None:
+    """Add the yes/no classifier's verdicts: ``classifier`` (safe/unsafe/unparsed/empty),
+    ``classifier_raw``, ``classifier_model`` and ``classifier_harmful`` (1 when it answered yes)."""
+    for row, v in zip(rows, verdicts, strict=True):
+        row.update(classifier=v.verdict, classifier_raw=v.raw, classifier_model=label,
+                   classifier_harmful=int(v.verdict == "unsafe"))
+
+
+def classifier_inputs(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """(behaviours, responses, contexts) for the classifier: HarmBench rows give the behaviour and
+    context separately (as HarmBench's classifier sees them), other rows their prompt."""
+    return ([r.get("behavior", r["prompt"]) for r in rows], [r["response"] for r in rows],
+            [r.get("context", "") for r in rows])
 
 
 def _rate(out: dict[str, float], omitted: dict[str, str], name: str, k: int, n: int) -> None:
@@ -674,6 +696,12 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
             if guard:
                 _rate(out, omitted, f"{p}/harmful_rate_unsafe", count(lambda r: r["harmful"], unsafe), len(unsafe))
         _per_group_rates(out, omitted, p, rows, guard)
+        if TEMPLATE_JUDGE in spec.judges:
+            scope = rows if spec.kind == "safety" else [r for r in rows if r["label"] == "unsafe"]
+            name = "classifier_harmful_rate" + ("" if spec.kind == "safety" else "_unsafe")
+            _rate(out, omitted, f"{p}/{name}", count(lambda r: r["classifier_harmful"], scope), len(scope))
+            _rate(out, omitted, f"{p}/classifier_unparsed_rate", count(lambda r: r["classifier"] == "unparsed"),
+                  len(rows))
         if guard:
             _rate(out, omitted, f"{p}/guard_unparsed_rate", count(lambda r: r["guard"] == "unparsed"), len(rows))
             judged = [r for r in rows if r["judges_agree"] != "n/a"]
