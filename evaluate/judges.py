@@ -62,6 +62,32 @@ _FIRST_WORD = re.compile(r"^(safe|unsafe)\b", re.I)
 _CATEGORY = re.compile(r"\bS\d{1,2}\b")
 
 
+# sha256 (of the UTF-8 template string the published code formats) -> (name, where it was learned).
+# Only digests are kept: the project ships no third-party prompt text. Each digest was computed from
+# independent public copies of the published code (the original repositories were not reachable
+# from the machine that computed them) that agree byte for byte; see evaluate/README.md.
+PUBLISHED_TEMPLATES: dict[str, tuple[str, str]] = {
+    "788f4f6aa1491c433c4da76c9140cfc30966cea3ff3875c4d0fcb336d92f60e0": (
+        "harmbench-llama2-cls", "centerforaisafety/HarmBench eval_utils.py LLAMA2_CLS_PROMPT['prompt'] "
+        "(for cais/HarmBench-Llama-2-13b-cls; 3 agreeing copies)"),
+    "5d6bb9e3cf4d1e5f3f7620093113222ee115af75b0b2913f00e4c7225ec9f219": (
+        "harmbench-llama2-cls-contextual", "centerforaisafety/HarmBench eval_utils.py "
+        "LLAMA2_CLS_PROMPT['prompt_contextual'] (1 copy)"),
+    "c1c47e30cc03e00197f1d12be25296fc3150969bb3ddb058bfd9f550e0d66f81": (
+        "harmbench-mistral-cls", "HarmBench MISTRAL_CLS_PROMPT['prompt'] (for cais/HarmBench-Mistral-7b-val-cls; 1 copy)"),
+    "0a282b857e1e53ff6ec92c91eb960d2444806e2e4518f4a40232549b599963d0": (
+        "strongreject-rubric", "dsbowen/strong_reject judge_templates.json 'strongreject_rubric' (2 agreeing copies)"),
+    "7919b6d41af2dc9f32797d96eaa952934dca0713c7f3f63ddc6c299db9857248": (
+        "strongreject-rubric-system", "dsbowen/strong_reject judge_templates.json 'strongreject_rubric_system' (2 copies)"),
+}
+
+
+def template_origin(sha256: str) -> str:
+    """``published:<name>`` when the template's sha256 is a known published template, else ``custom``."""
+    known = PUBLISHED_TEMPLATES.get(sha256)
+    return f"published:{known[0]}" if known else "custom"
+
+
 class JudgeError(ValueError):
     """A judge cannot be used (e.g. its model does not load); the message names the judge."""
 

@@ -141,7 +141,9 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
 
         sha = read_template(args.classifier_template)[1]
         judges.append(f"{TEMPLATE_JUDGE}:{args.classifier_model}+template@{sha[:12]}")
-        template_tags = {"classifier_template_sha256": sha}
+        from sst_lab.evaluate.judges import template_origin
+
+        template_tags = {"classifier_template_sha256": sha, "classifier_template_origin": template_origin(sha)}
     elif args.classifier_model or args.classifier_template:
         raise ConfigError("classifier_model/classifier_template: given, but no suite uses the classifier judge")
 

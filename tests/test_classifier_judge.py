@@ -60,6 +60,7 @@ def test_classifier_judge_in_an_evaluate_run(world, store, tmp_path):
     import hashlib
 
     sha = hashlib.sha256(STAND_IN_TEMPLATE.encode()).hexdigest()
+    assert t["classifier_template_origin"] == "custom"
     assert t["classifier_template_sha256"] == sha and f"classifier:tiny-world-guard+template@{sha[:12]}" in t["judges"]
     assert t["judge_id.classifier"].startswith("classifier:tiny-world-guard@") and t["calibration_run.classifier"]
     rows = json.loads((out / "tables" / "harm-cls.json").read_text())
@@ -72,3 +73,24 @@ def test_classifier_judge_in_an_evaluate_run(world, store, tmp_path):
     with pytest.raises(Exception, match="classifier_model, classifier_template: suites \\['harm-cls'\\]"):
         evaluate_in_process("--suites", str(suite), "--study", "tests-eval-cls", "--tracking_uri", store,
                             "--preset", "minimal")
+
+
+def test_published_template_digests_recognise_a_template_file(tmp_path, monkeypatch):
+    import hashlib
+    import re
+
+    from sst_lab.evaluate import judges
+    from sst_lab.evaluate.judges import PUBLISHED_TEMPLATES, read_template, template_origin
+
+    assert all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha in PUBLISHED_TEMPLATES)
+    names = {name for name, _ in PUBLISHED_TEMPLATES.values()}
+    assert {"harmbench-llama2-cls", "strongreject-rubric"} <= names
+    path = tmp_path / "cls.txt"
+    path.write_text(STAND_IN_TEMPLATE)
+    sha = read_template(str(path))[1]
+    assert sha == hashlib.sha256(STAND_IN_TEMPLATE.encode()).hexdigest() and template_origin(sha) == "custom"
+    # the rule: a file is "published" exactly when its bytes hash to a registered digest
+    monkeypatch.setitem(judges.PUBLISHED_TEMPLATES, sha, ("stand-in", "this test"))
+    assert template_origin(sha) == "published:stand-in"
+    path.write_text(STAND_IN_TEMPLATE + " ")  # one trailing space: another template
+    assert template_origin(read_template(str(path))[1]) == "custom"
