@@ -28,6 +28,9 @@ judges             safety/overrefusal: ``refusal_keyword`` plus ``guard`` and/or
                    (default: keyword + guard for safety, ``[refusal_keyword]`` overrefusal)
 max_new_tokens     generation kinds (required)
 shots              mmlu/gsm8k: number of exemplars (default 0)
+prompt_format      mmlu: ``chat`` (default, the project's own), ``lm-eval-chat`` or
+                   ``lm-eval-plain`` (lm-eval 0.4.x's rendering and log-likelihood split; see
+                   evaluate/README.md "MMLU prompt format and lm-eval")
 fewshot            mmlu: exemplar source (default: the dev split of ``data.path``); gsm8k:
                    required when shots > 0 (e.g. ``train.jsonl``). When it is the same file as
                    ``data`` its first ``shots`` items are the exemplars and are not scored.
