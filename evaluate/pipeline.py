@@ -317,11 +317,14 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     if classified:
         classifier = TemplateJudge.load(args.classifier_model, args.classifier_template, dtype=args.dtype,
                                         device=shards.device, batch_size=args.batch_size)
+        def classify(part: list[dict]) -> list:
+            behaviours, responses, contexts = classifier_inputs(part)
+            return classifier.judge(behaviours, responses, contexts=contexts)
+
         for suite in classified:
             t = time.perf_counter()
             suite_rows = rows[suite.spec.name]
-            verdicts = shards.map(lambda part: classifier.judge(*classifier_inputs(part)[:2],
-                                                                contexts=classifier_inputs(part)[2]), suite_rows)
+            verdicts = shards.map(classify, suite_rows)
             apply_classifier(suite_rows, verdicts, classifier.label)
             seconds[suite.spec.name] += time.perf_counter() - t
         classifier.engine.close()
