@@ -313,7 +313,7 @@ def calibrate(args: CalibrateArguments, judge_id: str) -> Calibration:
 def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None, Calibration]:
     """Calibrate and record a ``stage=calibrate`` run; returns (run id, calibration)."""
     from sst_lab.config import to_dict
-    from sst_lab.evaluate.judges import preflight_guard, read_template
+    from sst_lab.evaluate.judges import preflight_guard, read_template, template_origin
     from sst_lab.tracking.run import stage_run
 
     files = data_files(args.data)  # fail on a missing file before a run exists
@@ -325,7 +325,8 @@ def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None
     tags = {"calibrate.judge": label, "calibrate.judge_id": judge_id,
             "calibrate.partial_refusal": args.partial_refusal, "calibrate.sources": ",".join(source_name(f) for f in files),
             "calibrate.judge_positive": "refusal phrase found" if args.judge == KEYWORD_JUDGE else "not judged unsafe",
-            **({"calibrate.template_sha256": read_template(args.classifier_template)[1]}
+            **({"calibrate.template_sha256": read_template(args.classifier_template)[1],
+                "calibrate.template_origin": template_origin(read_template(args.classifier_template)[1])}
                if args.judge == TEMPLATE_JUDGE else {}),
             "seed": args.seed, "preset": "full" if args.limit is None else f"limit{args.limit}"}
     run_name = args.run_name or f"calibrate-{label.replace('/', '_').replace(':', '-')}"

@@ -11,6 +11,14 @@ the same two methods with the same semantics (see ``evaluate/README.md``):
   log-probability (log-softmax over the whole vocabulary) of each letter's single token as the
   first token of the assistant's reply; shape ``(len(prompts), len(letters))``.
 
+MMLU suites in an lm-eval format also need ``render_text(conversation)`` (the chat-template string
+with the generation prompt), ``encode_pair(context, continuation)`` and
+``continuation_logprobs(contexts, continuations)``: lm-eval 0.4.x's log-likelihood semantics, i.e.
+trailing whitespace of the context moves to the front of the continuation, the continuation's
+tokens are those of ``context + continuation`` after the context's tokens, special tokens are
+added as the tokenizer does by default unless the text already starts with the BOS token, and the
+score of a continuation is the sum of its tokens' log-probabilities.
+
 Batching (``HFEngine``): prompts are sorted by length (longest first, so an out-of-memory error
 appears in the first batch), cut into batches of ``batch_size`` and left-padded. A plain forward
 on left-padded inputs needs ``position_ids = attention_mask.cumsum(-1) - 1`` (``generate`` builds
@@ -102,6 +110,57 @@ class HFEngine:
         """Token ids of the conversation in the chat template, ending with the assistant header."""
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render_text(self, conversation: Conversation) -> str:
+        """The chat-template string of the conversation, ending with the assistant header."""
+        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a raw string: the tokenizer's default special tokens, none when the text
+        already starts with the BOS token (a chat-template string)."""
+        bos = self.tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-eval splits them (see the module docstring)."""
+        stripped = context.rstrip()
+        if not stripped:
+            raise EngineError(f"model {self.name}: an empty context cannot be scored")
+        continuation = context[len(stripped):] + continuation
+        whole, ctx = self.encode_text(stripped + continuation), self.encode_text(stripped)
+        if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
+            raise EngineError(f"model {self.name}: the context's tokens are not a prefix of context + "
+                              f"continuation {continuation!r} (lm-eval would score a different split)")
+        return ctx, whole[len(ctx):]
+
+    def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]]) -> np.ndarray:
+        """Summed log-probability of each continuation after its context; shape (items, choices)."""
+        import torch
+
+        n_choices = len(continuations[0]) if continuations else 0
+        if any(len(c) != n_choices for c in continuations) or len(continuations) != len(contexts):
+            raise EngineError(f"model {self.name}: every context needs the same number of continuations")
+        pairs = [self.encode_pair(ctx, cont) for ctx, conts in zip(contexts, continuations) for cont in conts]
+        seqs = [c + k for c, k in pairs]
+        flat = np.zeros(len(pairs), dtype=np.float64)
+        with torch.inference_mode():
+            for batch in length_sorted_batches([len(s) for s in seqs], self.batch_size):
+                ids, mask = self._pad_left([seqs[i] for i in batch])
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                keep = max(len(pairs[i][1]) for i in batch) + 1
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                    logits_to_keep=keep, use_cache=False).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for row, i in enumerate(batch):
+                    cont = pairs[i][1]
+                    # logits at position t predict token t+1: the continuation's tokens are the last len(cont)
+                    at = logp[row, keep - 1 - len(cont):keep - 1, :]
+                    target = torch.tensor(cont, device=at.device).unsqueeze(-1)
+                    flat[i] = float(at.gather(-1, target).sum())
+        if not np.all(np.isfinite(flat)):
+            raise EngineError(f"model {self.name}: non-finite continuation log-probabilities")
+        return flat.reshape(len(contexts), n_choices)
 
     def _pad_left(self, rows: list[list[int]]):
         import torch

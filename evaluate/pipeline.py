@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.config import ConfigError
-from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE, TEMPLATE_JUDGE
 from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, load_suite
 
 PRESETS = ("full", "minimal")
@@ -41,6 +41,10 @@ class EvaluateArguments:
         "help": "Suite names (configs/evaluate/suites/<name>.yaml) or YAML paths."})
     guard_model: str | None = field(default=None, metadata={
         "help": "Guard judge model (id, path or tiny-world-guard); needed by suites with the guard judge."})
+    classifier_model: str | None = field(default=None, metadata={
+        "help": "Classifier judge model (id or path, e.g. cais/HarmBench-Llama-2-13b-cls); for suites with judge classifier."})
+    classifier_template: str | None = field(default=None, metadata={
+        "help": "Classifier judge prompt template file ({behavior}, {generation}[, {context}])."})
     preset: str = field(default="full", metadata={"help": "full (all items) | minimal (first minimal_n items)."})
     minimal_n: int = field(default=8, metadata={"help": "Items per suite with preset=minimal."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per batch (generation and letter scoring)."})
@@ -137,6 +141,21 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     judges = [KEYWORD_JUDGE] if any(s.kind in ("safety", "overrefusal") for s in suites) else []
     if guarded:
         judges.append(f"{GUARD_JUDGE}:{args.guard_model}")
+    classified = [s.name for s in suites if TEMPLATE_JUDGE in s.judges]
+    template_tags: dict[str, str] = {}
+    if classified:
+        if not (args.classifier_model and args.classifier_template):
+            raise ConfigError(f"classifier_model, classifier_template: suites {classified} use the classifier "
+                              "judge; give both (a model and its prompt template file)")
+        from sst_lab.evaluate.judges import read_template
+
+        sha = read_template(args.classifier_template)[1]
+        judges.append(f"{TEMPLATE_JUDGE}:{args.classifier_model}+template@{sha[:12]}")
+        from sst_lab.evaluate.judges import template_origin
+
+        template_tags = {"classifier_template_sha256": sha, "classifier_template_origin": template_origin(sha)}
+    elif args.classifier_model or args.classifier_template:
+        raise ConfigError("classifier_model/classifier_template: given, but no suite uses the classifier judge")
 
     config = redact({"evaluate": to_dict(args), "tracking": to_dict(tracking),
                      "suites": {s.name: _without_source(s.to_dict()) for s in suites}})
@@ -147,7 +166,7 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
             "upstream_run_ids": ",".join(lineage_ids(adapter)) or "none",
             "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
             "suites": ",".join(s.label for s in suites), "judges": ",".join(judges) or "none",
-            **caveat_tags(suites)}
+            **caveat_tags(suites), **template_tags}
     if adapter is not None and args.trained_elsewhere and not (
             is_complete(adapter.path) and (Path(adapter.path) / ITEMS_FILE).is_file()):
         tags["adapter_trained_elsewhere"] = "true"
@@ -164,6 +183,10 @@ def _calibration_links(suites: list[SuiteSpec], args: EvaluateArguments, trackin
         ids[KEYWORD_JUDGE] = keyword_judge_id()
     if any(GUARD_JUDGE in s.judges for s in suites):
         ids[GUARD_JUDGE] = guard_judge_id(args.guard_model)
+    if any(TEMPLATE_JUDGE in s.judges for s in suites):
+        from sst_lab.evaluate.calibration import template_judge_id
+
+        ids[TEMPLATE_JUDGE] = template_judge_id(args.classifier_model, args.classifier_template)
     return calibration_tags(ids, args.calibration_runs, tracking_uri)
 
 
@@ -254,9 +277,9 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
 
     from sst_lab.adapters import check_adapter_folder, describe
     from sst_lab.evaluate.engine import HFEngine
-    from sst_lab.evaluate.judges import GuardJudge, preflight_guard
-    from sst_lab.evaluate.suites import (apply_guard, excluded_metrics, fit_context, infer, load_items,
-                                         suite_metrics)
+    from sst_lab.evaluate.judges import GuardJudge, TemplateJudge, preflight_guard
+    from sst_lab.evaluate.suites import (apply_classifier, apply_guard, classifier_inputs, excluded_metrics,
+                                         fit_context, infer, load_items, suite_metrics)
     from sst_lab.models import ModelError
 
     args = plan.args
@@ -308,6 +331,22 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
             apply_guard(suite_rows, verdicts, judge.label)
             seconds[suite.spec.name] += time.perf_counter() - t
         judge.engine.close()
+
+    classified = [s for s in loaded if TEMPLATE_JUDGE in s.spec.judges]
+    if classified:
+        classifier = TemplateJudge.load(args.classifier_model, args.classifier_template, dtype=args.dtype,
+                                        device=shards.device, batch_size=args.batch_size)
+        def classify(part: list[dict]) -> list:
+            behaviours, responses, contexts = classifier_inputs(part)
+            return classifier.judge(behaviours, responses, contexts=contexts)
+
+        for suite in classified:
+            t = time.perf_counter()
+            suite_rows = rows[suite.spec.name]
+            verdicts = shards.map(classify, suite_rows)
+            apply_classifier(suite_rows, verdicts, classifier.label)
+            seconds[suite.spec.name] += time.perf_counter() - t
+        classifier.engine.close()
 
     metrics: dict[str, float] = {}
     omitted: dict[str, str] = {}

@@ -24,10 +24,13 @@ data               ``path`` (``tiny-world:<file>`` or a path relative to the wor
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
                    ``subjects`` (MMLU), ``options`` (extra loader arguments, e.g. HarmBench
                    ``exclude_functional: [copyright]``)
-judges             safety/overrefusal: ``refusal_keyword`` and/or ``guard`` (default: both
-                   safety, ``[refusal_keyword]`` overrefusal)
+judges             safety/overrefusal: ``refusal_keyword`` plus ``guard`` and/or ``classifier``
+                   (default: keyword + guard for safety, ``[refusal_keyword]`` overrefusal)
 max_new_tokens     generation kinds (required)
 shots              mmlu/gsm8k: number of exemplars (default 0)
+prompt_format      mmlu: ``chat`` (default, the project's own), ``lm-eval-chat`` or
+                   ``lm-eval-plain`` (lm-eval 0.4.x's rendering and log-likelihood split; see
+                   evaluate/README.md "MMLU prompt format and lm-eval")
 fewshot            mmlu: exemplar source (default: the dev split of ``data.path``); gsm8k:
                    required when shots > 0 (e.g. ``train.jsonl``). When it is the same file as
                    ``data`` its first ``shots`` items are the exemplars and are not scored.
@@ -59,7 +62,7 @@ import yaml
 
 from sst_lab.data import prompt_sha
 from sst_lab.evaluate import loaders as L
-from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, TEMPLATE_JUDGE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
@@ -73,13 +76,16 @@ FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject", "s
 SCORERS = ("final_number", "exact_text")
 _COMMON = {"name", "version", "kind", "data", "description", "caveats"}
 _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", "max_new_tokens"},
-              "mmlu": {"shots", "fewshot"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
+              "mmlu": {"shots", "fewshot", "prompt_format"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
               "task": {"scorer", "max_new_tokens"}}
 _DATA_KEYS = {"path", "format", "split", "subjects", "options"}
 _NAME = re.compile(r"^[\w.\-]+$")
 STRONGREJECT_CAVEAT = ("StrongREJECT's rubric grader is not implemented: refusal_rate is the refusal_keyword "
                        "judge's and harmful_rate the guard's, not the StrongREJECT score")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+# ``chat``: the project's own (header in the first user turn, letter token after the assistant header);
+# ``lm-eval-chat`` / ``lm-eval-plain``: lm-eval 0.4.x's rendering with/without the chat template
+MMLU_PROMPT_FORMATS = ("chat", "lm-eval-chat", "lm-eval-plain")
 
 
 class SuiteError(ValueError):
@@ -112,6 +118,7 @@ class SuiteSpec:
     scorer: str | None = None
     description: str = ""
     caveats: tuple[str, ...] = ()  # known departures from the benchmark's published protocol (logged as tags)
+    prompt_format: str = "chat"    # MMLU: one of MMLU_PROMPT_FORMATS
     source: str = ""  # the YAML file it came from
 
     @property
@@ -132,6 +139,8 @@ class SuiteSpec:
             out["caveats"] = list(self.caveats)
         else:
             del out["caveats"]
+        if self.prompt_format == "chat":  # absent when default: existing suites keep their config ids
+            del out["prompt_format"]
         return out
 
 
@@ -193,7 +202,7 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     bad = [j for j in judges if j not in JUDGES]
     if bad or (kind in ("safety", "overrefusal") and KEYWORD_JUDGE not in judges):
         raise SuiteError(f"{where}: judges {list(judges)} must include {KEYWORD_JUDGE!r} and may add "
-                         f"{GUARD_JUDGE!r}; unknown: {bad}")
+                         f"{GUARD_JUDGE!r} and/or {TEMPLATE_JUDGE!r}; unknown: {bad}")
     max_new = raw.get("max_new_tokens")
     if "max_new_tokens" in _KIND_KEYS[kind] and (not isinstance(max_new, int) or max_new < 1):
         raise SuiteError(f"{where}: max_new_tokens (a positive integer) is required for kind {kind!r}")
@@ -209,11 +218,15 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     caveats = raw.get("caveats", [])
     if not isinstance(caveats, list) or not all(isinstance(c, str) and c.strip() for c in caveats):
         raise SuiteError(f"{where}: caveats must be a list of non-empty strings")
+    prompt_format = raw.get("prompt_format", "chat")
+    if prompt_format not in MMLU_PROMPT_FORMATS:
+        raise SuiteError(f"{where}: prompt_format must be one of {', '.join(MMLU_PROMPT_FORMATS)}, "
+                         f"got {prompt_format!r}")
     if data.format == "strongreject" and STRONGREJECT_CAVEAT not in caveats:
         caveats = [*caveats, STRONGREJECT_CAVEAT]
     return SuiteSpec(name=name, version=version, kind=kind, data=data, judges=judges, max_new_tokens=max_new,
                      shots=shots, fewshot=fewshot, scorer=scorer, description=str(raw.get("description", "")),
-                     caveats=tuple(caveats), source=source)
+                     caveats=tuple(caveats), prompt_format=prompt_format, source=source)
 
 
 def caveat_tags(specs: Sequence[SuiteSpec]) -> dict[str, str]:
@@ -259,6 +272,10 @@ class EvalItem:
     choices: tuple[str, ...] | None = None
     category: str | None = None      # HarmBench SemanticCategory, StrongREJECT/JBB category, XSTest type
     functional: str | None = None    # HarmBench FunctionalCategory (standard / contextual)
+    behavior: str | None = None      # HarmBench: the behaviour alone (what its classifier is shown)
+    context: str | None = None       # HarmBench contextual: the context string
+    context_text: str | None = None  # lm-eval-plain MMLU: the whole context string (no chat template)
+    continuations: tuple[str, ...] | None = None  # lm-eval MMLU: the scored continuation of each choice
 
     @property
     def prompt_sha(self) -> str:
@@ -309,6 +326,36 @@ def mmlu_conversation(item: L.Item, exemplars: Sequence[L.Item]) -> list[dict]:
     return turns
 
 
+def lmeval_mmlu_messages(item: L.Item, exemplars: Sequence[L.Item]) -> list[dict]:
+    """lm-eval's chat rendering (``apply_chat_template``, few-shot as multi-turn, its default): the
+    task description (with its trailing blank line) as a system turn, each exemplar as a user turn
+    and an assistant turn holding the letter, then the question."""
+    turns = [{"role": "system", "content": MMLU_HEADER.format(subject=item.meta["subject"].replace("_", " "))}]
+    for ex in exemplars:
+        turns += [_user(mmlu_block(ex)), _assistant(str(ex.answer))]
+    return [*turns, _user(mmlu_block(item))]
+
+
+def lmeval_mmlu_text(item: L.Item, exemplars: Sequence[L.Item]) -> str:
+    """lm-eval's plain context: description, exemplars each ending ``Answer: <letter>`` and a blank
+    line, then the question ending ``Answer:`` (the continuations are `` A``..`` D``)."""
+    shots = "".join(f"{mmlu_block(ex)} {ex.answer}\n\n" for ex in exemplars)
+    return MMLU_HEADER.format(subject=item.meta["subject"].replace("_", " ")) + shots + mmlu_block(item)
+
+
+def mmlu_eval_item(item: L.Item, exemplars: Sequence[L.Item], prompt_format: str) -> EvalItem:
+    common = dict(id=item.id, prompt=item.prompt, reference=item.answer, subject=item.meta["subject"],
+                  choices=item.choices)
+    if prompt_format == "chat":
+        return EvalItem(conversation=mmlu_conversation(item, exemplars), **common)
+    if prompt_format == "lm-eval-chat":  # lm-eval drops the target delimiter under a chat template
+        return EvalItem(conversation=lmeval_mmlu_messages(item, exemplars), continuations=L.LETTERS, **common)
+    if prompt_format == "lm-eval-plain":
+        return EvalItem(conversation=[], context_text=lmeval_mmlu_text(item, exemplars),
+                        continuations=tuple(f" {c}" for c in L.LETTERS), **common)
+    raise SuiteError(f"unknown MMLU prompt_format {prompt_format!r}; use one of {MMLU_PROMPT_FORMATS}")
+
+
 def gsm8k_conversation(question: str, exemplars: Sequence[L.Item]) -> list[dict]:
     turns: list[dict] = []
     for ex in exemplars:
@@ -338,8 +385,7 @@ def _load_mmlu(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
             if len(shots[s]) < spec.shots:
                 raise SuiteError(f"suite {spec.name}: {spec.shots} shots requested but the exemplar split of "
                                  f"{few_path} has {len(shots[s])} items for subject {s!r}")
-    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=mmlu_conversation(i, shots.get(i.meta["subject"], [])),
-                    reference=i.answer, subject=i.meta["subject"], choices=i.choices) for i in items]
+    out = [mmlu_eval_item(i, shots.get(i.meta["subject"], []), spec.prompt_format) for i in items]
     return out, len(out)
 
 
@@ -398,7 +444,8 @@ def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int, dic
                              f"{path} has labels {bad} (a benign set: declare data.options.label: safe)")
     out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label,
                     category=i.meta.get("type") if fmt in ("xstest", "stl") else i.label,
-                    functional=i.meta.get("functional_category")) for i in items]
+                    functional=i.meta.get("functional_category"), behavior=i.meta.get("behavior"),
+                    context=i.meta.get("context") or None) for i in items]
     return out, len(out), excluded
 
 
@@ -466,6 +513,14 @@ def context_limit(engine: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def prompt_tokens(engine: Any, item: EvalItem) -> int:
+    """Tokens the model reads for an item (lm-eval formats: context plus the longest continuation)."""
+    if item.continuations is None:
+        return len(engine.render(item.conversation))
+    context = item.context_text if item.context_text is not None else engine.render_text(item.conversation)
+    return max(sum(map(len, engine.encode_pair(context, c))) for c in item.continuations)
+
+
 def fit_context(loaded: LoadedSuite, engine: Any, policy: str) -> tuple[LoadedSuite, dict[str, float]]:
     """Check every rendered prompt plus the generation budget against the model's context length.
 
@@ -481,7 +536,7 @@ def fit_context(loaded: LoadedSuite, engine: Any, policy: str) -> tuple[LoadedSu
     if limit is None or not hasattr(engine, "render") or not loaded.items:
         return loaded, {}
     budget = limit - (loaded.spec.max_new_tokens or 1)  # MC reads one position after the prompt
-    lengths = [len(engine.render(i.conversation)) for i in loaded.items]
+    lengths = [prompt_tokens(engine, i) for i in loaded.items]
     over = [i.id for i, n in zip(loaded.items, lengths) if n > budget]
     p = f"{loaded.spec.group}/{loaded.spec.name}"
     stats = {f"{p}/max_prompt_tokens": float(max(lengths)), f"{p}/context_length": float(limit)}
@@ -509,7 +564,7 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
 
     spec, items = loaded.spec, loaded.items
     if spec.kind == "mmlu":
-        logp = engine.choice_logprobs([i.conversation for i in items], L.LETTERS)
+        logp = mmlu_logprobs(items, engine)
         rows = []
         for item, lp in zip(items, logp):
             pred = L.LETTERS[int(lp.argmax())]
@@ -529,10 +584,26 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
                        refusal_keyword_phrase=v.phrase, refused=int(v.verdict == "refusal"))
             if item.functional:
                 row["functional_category"] = item.functional
+            if item.behavior is not None:
+                row["behavior"] = item.behavior
+            if item.context:
+                row["context"] = item.context
     else:
         for item, row in zip(items, rows):
             row.update(reference=item.reference, **_correct(spec, row["response"], item.reference or ""))
     return rows
+
+
+def mmlu_logprobs(items: Sequence[EvalItem], engine: Any) -> Any:
+    """Per-item A-D scores: the letter token after the assistant header (format ``chat``), or the
+    summed log-probability of lm-eval's continuation of each choice (lm-eval formats)."""
+    if items[0].continuations is None:
+        return engine.choice_logprobs([i.conversation for i in items], L.LETTERS)
+    if not hasattr(engine, "continuation_logprobs"):
+        raise SuiteError(f"engine {getattr(engine, 'name', engine)!r} cannot score lm-eval continuations "
+                         "(continuation_logprobs); use prompt_format: chat")
+    contexts = [i.context_text if i.context_text is not None else engine.render_text(i.conversation) for i in items]
+    return engine.continuation_logprobs(contexts, [i.continuations for i in items])
 
 
 def _normalise_text(text: str) -> str:
@@ -558,6 +629,21 @@ def apply_guard(rows: list[dict[str, Any]], verdicts: Sequence[Any], label: str)
         row["judges_agree"] = ("n/a" if not both else
                                "agree" if (row["refusal_keyword"] == "compliance") == (v.verdict == "unsafe")
                                else "disagree")
+
+
+def apply_classifier(rows: list[dict[str, Any]], verdicts: Sequence[Any], label: str) -> None:
+    """Add the yes/no classifier's verdicts: ``classifier`` (safe/unsafe/unparsed/empty),
+    ``classifier_raw``, ``classifier_model`` and ``classifier_harmful`` (1 when it answered yes)."""
+    for row, v in zip(rows, verdicts, strict=True):
+        row.update(classifier=v.verdict, classifier_raw=v.raw, classifier_model=label,
+                   classifier_harmful=int(v.verdict == "unsafe"))
+
+
+def classifier_inputs(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """(behaviours, responses, contexts) for the classifier: HarmBench rows give the behaviour and
+    context separately (as HarmBench's classifier sees them), other rows their prompt."""
+    return ([r.get("behavior", r["prompt"]) for r in rows], [r["response"] for r in rows],
+            [r.get("context", "") for r in rows])
 
 
 def _rate(out: dict[str, float], omitted: dict[str, str], name: str, k: int, n: int) -> None:
@@ -616,6 +702,12 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
             if guard:
                 _rate(out, omitted, f"{p}/harmful_rate_unsafe", count(lambda r: r["harmful"], unsafe), len(unsafe))
         _per_group_rates(out, omitted, p, rows, guard)
+        if TEMPLATE_JUDGE in spec.judges:
+            scope = rows if spec.kind == "safety" else [r for r in rows if r["label"] == "unsafe"]
+            name = "classifier_harmful_rate" + ("" if spec.kind == "safety" else "_unsafe")
+            _rate(out, omitted, f"{p}/{name}", count(lambda r: r["classifier_harmful"], scope), len(scope))
+            _rate(out, omitted, f"{p}/classifier_unparsed_rate", count(lambda r: r["classifier"] == "unparsed"),
+                  len(rows))
         if guard:
             _rate(out, omitted, f"{p}/guard_unparsed_rate", count(lambda r: r["guard"] == "unparsed"), len(rows))
             judged = [r for r in rows if r["judges_agree"] != "n/a"]

@@ -192,4 +192,5 @@ def test_template_classifier_renders_exactly_and_calibrates_end_to_end(store, tm
     t = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).data.tags
     assert t["calibrate.judge_id"].startswith("classifier:tiny-world-guard@")
     assert t["calibrate.template_sha256"] == read_template(str(template))[1]
+    assert t["calibrate.template_origin"] == "custom"
     assert cal.metrics["calibration/all/n"] + cal.metrics["calibration/all/n_undecided"] == 12
