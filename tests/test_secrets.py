@@ -9,13 +9,15 @@ write is searched for them.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from conftest import run_stage
+from conftest import REPO, stage_env
 from sst_lab.redact import REDACTED, is_secret_key, redact, redact_text
 
 TOKEN = "hf_PlantedLeakTestToken0123456789abcd"
@@ -61,15 +63,28 @@ def test_planted_secrets_never_leak(world, store, tmp_path, monkeypatch, capfd):
     assert type(saved).__name__ == "SFTConfig" and saved.hub_token == REDACTED
     assert saved.model_init_kwargs["token"] == REDACTED and saved.learning_rate == 0.002  # the rest intact
 
-    # a data set URI with a password, in a child process: its console traceback is checked too
-    failed = run_stage(["train/sft.py", *common, "--output_dir", str(out / "bad"),
-                        "--dataset_name", f"postgresql://u:{PASSWORD}@db.example.org:5432/x"], check=False)
-    assert failed.returncode != 0 and "postgresql:" in failed.stderr and "Traceback" in failed.stderr
+    # a data set URI with a password (the datasets library rewrites it to postgresql:/u:pw@...)
+    with pytest.raises(Exception, match="postgresql:"):
+        main([*common, "--output_dir", str(out / "bad"), "--dataset_name",
+              f"postgresql://u:{PASSWORD}@db.example.org:5432/x"])
+    bad = capfd.readouterr()
+    assert "[sst-lab] run FAILED" in bad.err and "postgresql:" in bad.err
+    # the traceback a stage process prints when its error escapes (a child: the interpreter prints it)
+    code = ("import sys; from sst_lab.tracking.run import stage_run\n"
+            f"with stage_run(stage='merge', study='tests-secrets', config={{}}, tags={{'role': 'merged'}}, "
+            f"run_name='m', tracking_uri={store!r}):\n"
+            f"    print('connecting to postgresql:/u:{PASSWORD}@db', file=sys.stderr)\n"
+            f"    raise ValueError('no such data set postgresql:/u:{PASSWORD}@db?token={TOKEN}')\n")
+    failed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=stage_env(), capture_output=True, text=True)
+    assert failed.returncode != 0 and "Traceback" in failed.stderr and "connecting to postgresql:" in failed.stderr
 
     client = mlflow.MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("tests-secrets")
-    runs = {r.info.status: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"FINISHED", "FAILED"}
+    every = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = {}
+    for run in every:
+        runs.setdefault(run.info.status, run)  # FAILED: the train run with the postgresql data set
+    assert len(every) == 3 and set(runs) == {"FINISHED", "FAILED"}
     assert "postgresql:" in runs["FAILED"].data.tags["error"] and REDACTED in runs["FAILED"].data.tags["error"]
     error_txt = Path(client.download_artifacts(runs["FAILED"].info.run_id, "error.txt", str(tmp_path / "dl")))
     assert "postgresql:" in error_txt.read_text()
@@ -77,14 +92,14 @@ def test_planted_secrets_never_leak(world, store, tmp_path, monkeypatch, capfd):
     assert params["sft.hub_token"] == REDACTED and params["sft.model_init_kwargs.token"] == REDACTED
     assert params["sft.average_tokens_across_devices"] == "true"  # harmless names are not masked
     assert params["sft.include_num_input_tokens_seen"] != REDACTED
-    for run in runs.values():
+    for run in every:
         assert not _leaks(json.dumps([run.data.params, run.data.tags, run.info.run_name]))
         for ds in run.inputs.dataset_inputs:
             assert not _leaks(ds.dataset.source + ds.dataset.name)
 
     store_dir = Path(store[len("sqlite:///"):]).parent  # the sqlite file and every artifact
     assert _files_with_secrets(store_dir, out) == {}
-    assert not _leaks(ok.out + ok.err + failed.stdout + failed.stderr)
+    assert not _leaks(ok.out + ok.err + bad.out + bad.err + failed.stdout + failed.stderr)
 
 
 @pytest.mark.parametrize("text", [

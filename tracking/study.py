@@ -552,7 +552,7 @@ def describe_plan(plan: list[Step], ctx: "Context") -> str:
         if step.action == "run":
             ups = {u: f"<run id of {u}>" for u in n.upstream.values()}
             cmd = command(n, ups, output_dir=f"{ctx.output_root}/{n.id}-<attempt>", study=ctx.study)
-            lines.append("    " + shlex.join(cmd))
+            lines.append("    " + redact_text(shlex.join(cmd)))
     counts = {a: sum(s.action == a for s in plan) for a in ("reuse", "run", "blocked", "elsewhere")}
     lines.append("plan: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return "\n".join(lines)
@@ -663,7 +663,7 @@ def _run_node(node: Node, upstream_ids: dict[str, str], ctx: Context, store: Sto
     cmd = command(node, upstream_ids, output_dir=str(out_dir), study=ctx.study)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
+        log.write("$ " + redact_text(shlex.join(cmd)) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(node, ctx), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
