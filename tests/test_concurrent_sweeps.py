@@ -25,14 +25,17 @@ def test_two_sweeps_at_once_run_every_node_once(fakes, tmp_path):  # noqa: F811 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = fake_study(fakes, tmp_path / "study.yaml", name="twice", seeds=(1,), methods=("a",))
     ensure_experiment(uri, "twice")  # both sweeps find the store ready
-    procs = [run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "1"}, background=True)
-             for _ in range(2)]
+    procs = [run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "1"}, background=True)]
+    while "RUNNING" not in {r.info.status for r in study_runs(uri, "twice")}:  # the second plans while the
+        time.sleep(0.2)                                                          # first runs a node
+        assert procs[0].poll() is None, procs[0].stdout.read()
+    procs.append(run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "1"}, background=True))
     outs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     per_node = finished_per_node(study_runs(uri, "twice"))
     assert len(per_node) == NODES and set(per_node.values()) == {1}, per_node  # before: 2 runs per node
     assert sum(o.count("[sweep] start ") for o in outs) == NODES
-    assert any("was run by another sweep" in o for o in outs), outs
+    assert "was run by another sweep" in outs[1] and "[sweep] wait " in outs[1], outs[1]
     claims = study_runs(uri, st.claims_experiment("twice"))
     assert claims and "RUNNING" not in {r.info.status for r in claims}  # every claim was released
 

@@ -857,18 +857,32 @@ def _take_node(step: Step, store: Store, claims: Claims) -> tuple[str, str]:
 CLAIM_RETRY_SECONDS = 2.0
 
 
+def _may_wait(plan: list[Step]) -> set[str]:
+    """Nodes the plan found RUNNING elsewhere, and nodes blocked only by such nodes: at run time they
+    are waited for while another sweep's live claim holds them (and reused once FINISHED), and
+    skipped as ``elsewhere`` only when no sweep claims the RUNNING stage (see :func:`_take_node`)."""
+    ok, out = {s.node.id for s in plan if s.action in ("run", "reuse")}, set()
+    for step in plan:  # dependency order
+        ups = set(step.node.upstream.values())
+        if step.action == "elsewhere" or (step.action == "blocked" and step.note.startswith("waits for")
+                                          and ups <= ok | out):
+            out.add(step.node.id)
+    return out
+
+
 def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
     """Run the plan's ``run`` steps with ``ctx.workers`` processes; see the module docstring."""
     outcomes: dict[str, Outcome] = {}
     run_ids: dict[str, str] = {}
+    may_wait = _may_wait(plan)
     for step in plan:
         if step.action == "reuse":
             outcomes[step.node.id] = Outcome(step.node.id, "reused", step.run_id)
             run_ids[step.node.id] = step.run_id
-        elif step.action in ("blocked", "elsewhere"):
+        elif step.action in ("blocked", "elsewhere") and step.node.id not in may_wait:
             outcomes[step.node.id] = Outcome(step.node.id, step.action, error=step.note)
     order = {s.node.id: i for i, s in enumerate(plan)}  # earlier stages first: training unlocks the most work
-    pending = sorted((s for s in plan if s.action == "run"),
+    pending = sorted((s for s in plan if s.action == "run" or s.node.id in may_wait),
                      key=lambda s: (PIPELINE.index(s.node.stage), order[s.node.id]))
     children, stop = _Children(), threading.Event()
     interrupted: list[int] = []
