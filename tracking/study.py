@@ -12,7 +12,9 @@ starts with ``sweep.key`` and ``sweep.seed`` tags (through ``$SST_LAB_RUN_TAGS``
 where it stopped. The stage's own ``config_id`` (what aggregation groups by) is recorded and checked
 for drift across seeds of a key. A RUNNING run whose process is gone (same host, dead pid) is
 marked FAILED and rerun; one that may still run elsewhere blocks its node unless
-``rerun_running``.
+``rerun_running``. Sweeps of one study may run at once: each node is claimed in the store before it
+starts (:class:`Claims`) and re-read just before, so no node is started twice; the earliest
+FINISHED run of a (key, seed) is the one reused (``aggregation.DUPLICATE_RULE``).
 
 Execution. :func:`execute` runs the plan with a pool of ``workers`` child processes (each stage in
 its own session, ``accelerate launch`` for training), respecting dependencies; on failure it stops
