@@ -1,8 +1,9 @@
 """Aggregate a study over seeds: one ``stage=aggregate`` MLflow run per config group.
 
 A *group* is the FINISHED runs of one stage that share a ``config_id`` (the config hash without
-the seed), one run per seed (when a seed was run twice, the latest counts and the others are
-named in the tag ``aggregate.ignored_run_ids``). For every metric of the members (per-run
+the seed), one run per seed. When a seed was run twice (two sweeps at once before node claims,
+a rerun by hand), the rule is the sweep planner's (:data:`DUPLICATE_RULE`): the *earliest* FINISHED
+run counts, the others are named in the tag ``aggregate.ignored_run_ids`` and printed. For every metric of the members (per-run
 intervals, p-values, ``/n`` counts and per-module merge statistics excepted) the group's aggregate run logs::
 
     <metric>/mean  <metric>/std  <metric>/n  <metric>/ci_low  <metric>/ci_high     (95 % t-interval)
@@ -37,6 +38,13 @@ CONFIDENCE = 0.95
 CONSTANT_RTOL = 1e-9  # per-seed differences within this relative range count as constant
 COORDS = ("role", "model", "sample_size", "method")
 _UNSAFE = re.compile(r"[^/\w.\- ]+")
+DUPLICATE_RULE = "earliest FINISHED run of a seed counts"  # the sweep planner reuses the same run
+
+
+def run_order(start_time: int | None, run_id: str) -> tuple[int, str]:
+    """Order of duplicate runs of one node and seed: the first one is the one that counts, for the
+    sweep's reuse (``study.make_plan``), aggregation and the report alike."""
+    return (start_time or 0, run_id)
 
 
 @dataclass
@@ -144,7 +152,8 @@ def coordinates(tags: Mapping[str, str], by_id: Mapping[str, Any]) -> dict[str, 
 
 
 def build_groups(runs: list[Any]) -> list[Group]:
-    """Group FINISHED stage runs by (stage, config_id); keep the latest run of each seed."""
+    """Group FINISHED stage runs by (stage, config_id); keep the earliest run of each seed
+    (:data:`DUPLICATE_RULE`)."""
     by_id = {r.info.run_id: r for r in runs}
     buckets: dict[tuple[str, str], list[Any]] = {}
     for r in runs:
@@ -154,10 +163,10 @@ def build_groups(runs: list[Any]) -> list[Group]:
         buckets.setdefault((t["stage"], t["config_id"]), []).append(r)
     groups = []
     for (stage, cid), rs in sorted(buckets.items()):
-        rs.sort(key=lambda r: r.info.start_time or 0)
+        rs.sort(key=lambda r: run_order(r.info.start_time, r.info.run_id))
         per_seed: dict[str, Any] = {}
         for r in rs:
-            per_seed[r.data.tags.get("seed", "none")] = r  # the latest run of a seed wins
+            per_seed.setdefault(r.data.tags.get("seed", "none"), r)  # the earliest run of a seed counts
         keep = {r.info.run_id for r in per_seed.values()}
         members = [Member(r.info.run_id, seed, r.info.start_time or 0, dict(r.data.tags), dict(r.data.metrics))
                    for seed, r in sorted(per_seed.items(), key=lambda kv: _seed_order(kv[0]))]
@@ -285,6 +294,7 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
                 "aggregate.member_run_ids": ",".join(ids), "aggregate.n_members": len(ids),
                 "aggregate.seeds": ",".join(m.seed for m in g.members),
                 "aggregate.ignored_run_ids": ",".join(g.ignored) or "none",
+                "aggregate.duplicate_rule": DUPLICATE_RULE,
                 "aggregate.stale_metrics": ",".join(stale)[:5000] or "none",
                 "aggregate.note": "one seed: no std or interval" if len(ids) == 1 else "none",
                 **{f"aggregate.{k}": v for k, v in g.coords.items()}}
@@ -311,6 +321,9 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
                           "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in pair.items()}},
                          "aggregate.json")
         written.append((g, run.run_id))
+        if g.ignored:
+            echo(f"aggregate: {g.label}: {len(g.ignored)} duplicate run(s) of a seed ignored ({DUPLICATE_RULE}): "
+                 f"{', '.join(g.ignored)}")
         echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {g.label} "
              f"({len(ids)} seeds, {len(summaries)} metrics)")
     return written

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
 
     from sst_lab.config import ConfigError
     from sst_lab.tracking import reporting
+    from sst_lab.tracking.aggregation import DUPLICATE_RULE
     from sst_lab.tracking.run import TrackingError, config_id, resolve_tracking_uri, stage_run
 
     chosen = {"safety": args.safety_metric, "overrefusal": args.overrefusal_metric, "utility": args.utility_metric,
@@ -60,6 +61,11 @@ def main(argv=None) -> int:
     except (ConfigError, TrackingError, ValueError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
+    duplicates = sorted(i for a in data.aggs for i in a.tags.get("aggregate.ignored_run_ids", "none").split(",")
+                        if i != "none")
+    if duplicates:
+        print(f"report: {len(duplicates)} duplicate run(s) of a seed were left out by aggregation "
+              f"({DUPLICATE_RULE}): {', '.join(duplicates)}")
     out = Path(args.output_dir or Path("outputs") / args.study / f"report-{dt.datetime.now():%Y%m%d-%H%M%S}")
     config = {"report": {k: v for k, v in chosen.items()}}
     cid = config_id(config)
@@ -67,7 +73,8 @@ def main(argv=None) -> int:
                               order_by=["attributes.start_time ASC"], max_results=1)
     tags = {"role": "report", "report.metrics": ",".join(data.metrics.values()),
             "report.reference_method": data.reference_method or "none",
-            "upstream_run_ids": ",".join(a.run_id for a in data.aggs)[:5000]}
+            "upstream_run_ids": ",".join(a.run_id for a in data.aggs)[:5000],
+            "report.duplicate_rule": DUPLICATE_RULE, "report.ignored_run_ids": ",".join(duplicates)[:5000] or "none"}
     with stage_run(stage="report", study=args.study, config=config, tags=tags, run_name=f"report-{args.study}",
                    tracking_uri=uri, resume_run_id=olds[0].info.run_id if olds else None) as run:
         with tempfile.TemporaryDirectory(prefix="sst-report-") as work:

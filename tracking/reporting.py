@@ -322,13 +322,13 @@ def plot_vs_size(data: ReportData):
 
 def merge_spectra(client: Any, experiment_id: str, work: Path, limit: int = 6) -> list[dict[str, Any]]:
     """One SST merge report per (model, sample size, method) that has eigenvalues (the lowest seed)."""
-    from sst_lab.tracking.aggregation import coordinates, fetch_runs
+    from sst_lab.tracking.aggregation import coordinates, fetch_runs, run_order
 
     runs = [r for r in fetch_runs(client, experiment_id)
             if r.data.tags.get("stage") == "merge" and r.info.status == "FINISHED"]
     by_id = {r.info.run_id: r for r in runs}
     chosen: dict[tuple, Any] = {}
-    for r in sorted(runs, key=lambda r: (r.data.tags.get("seed", ""), r.info.start_time or 0)):
+    for r in sorted(runs, key=lambda r: (r.data.tags.get("seed", ""), run_order(r.info.start_time, r.info.run_id))):
         if not str(r.data.tags.get("merge_method", "")).startswith("sst"):
             continue
         c = coordinates(r.data.tags, by_id)

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from sst_lab.redact import redact, redact_text
+from sst_lab.redact import redact, redact_text, redacting_console
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -398,6 +398,15 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    with redacting_console():  # what the stage prints, and its traceback, are redacted too
+        yield from _open_run(stage=stage, study=study, config=config, tags=tags, run_name=run_name,
+                             tracking_uri=tracking_uri, config_for_id=config_for_id, resume_run_id=resume_run_id,
+                             metrics_flush_seconds=metrics_flush_seconds)
+
+
+def _open_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mapping[str, Any], run_name: str,
+              tracking_uri: str | None, config_for_id: Mapping[str, Any] | None, resume_run_id: str | None,
+              metrics_flush_seconds: float) -> Iterator[StageRun]:
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume someone else's run
     if not is_main_process():
         yield StageRun(enabled=False)
@@ -424,6 +433,7 @@ def stage_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
         all_tags.setdefault(key, value)
     all_tags = {k: redact_text(str(v)) for k, v in all_tags.items()}
     params, too_long = _params_from_config(config)
+    run_name = redact_text(run_name)
     if too_long:
         all_tags["params_too_long"] = ",".join(too_long)
 

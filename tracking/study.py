@@ -12,7 +12,9 @@ starts with ``sweep.key`` and ``sweep.seed`` tags (through ``$SST_LAB_RUN_TAGS``
 where it stopped. The stage's own ``config_id`` (what aggregation groups by) is recorded and checked
 for drift across seeds of a key. A RUNNING run whose process is gone (same host, dead pid) is
 marked FAILED and rerun; one that may still run elsewhere blocks its node unless
-``rerun_running``.
+``rerun_running``. Sweeps of one study may run at once: each node is claimed in the store before it
+starts (:class:`Claims`) and re-read just before, so no node is started twice; the earliest
+FINISHED run of a (key, seed) is the one reused (``aggregation.DUPLICATE_RULE``).
 
 Execution. :func:`execute` runs the plan with a pool of ``workers`` child processes (each stage in
 its own session, ``accelerate launch`` for training), respecting dependencies; on failure it stops
@@ -29,6 +31,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -45,6 +48,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError, merge_config_files, read_yaml
 from sst_lab.redact import redact_text
+from sst_lab.tracking.aggregation import DUPLICATE_RULE, run_order
 from sst_lab.tracking.run import REPO_ROOT, RUN_TAGS_ENV, proc_stat, resolve_tracking_uri
 
 ROLES_EVAL = ("base", "utility", "safety", "merged")
@@ -439,8 +443,17 @@ class Store:
             if not token:
                 break
         for runs in out.values():
-            runs.sort(key=lambda a: a.start_time)
+            runs.sort(key=lambda a: run_order(a.start_time, a.run_id))
         return out
+
+    def node_attempts(self, node: "Node") -> list[Attempt]:
+        """The runs of one node (key, seed), freshly read: what another sweep did since the plan."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1000,
+                                       filter_string=f"tags.`sweep.key` = '{node.key}' and "
+                                                     f"tags.`sweep.seed` = '{node.seed}'")
+        out = [Attempt(r.info.run_id, r.info.status, r.data.tags.get("config_id", ""), r.data.tags.get("host", ""),
+                       r.data.tags.get("pid", ""), r.info.start_time or 0, r.data.tags.get("error", "")) for r in runs]
+        return sorted(out, key=lambda a: run_order(a.start_time, a.run_id))
 
     def run_status(self, run_id: str) -> tuple[str, dict[str, str]]:
         run = self.client.get_run(run_id)
@@ -486,7 +499,7 @@ def make_plan(nodes: list[Node], attempts: Mapping[tuple[str, str], list[Attempt
         if finished:
             step.action, step.run_id = "reuse", finished[0].run_id
             if len(finished) > 1:
-                step.note = f"{len(finished)} FINISHED runs; reusing the first ({finished[0].run_id})"
+                step.note = f"{len(finished)} FINISHED runs; reusing {finished[0].run_id} ({DUPLICATE_RULE})"
             ids = {a.config_id for a in finished}
             if len(ids) > 1:
                 step.note += f" config_id differs between them: {sorted(ids)}"
@@ -541,7 +554,7 @@ def describe_plan(plan: list[Step], ctx: "Context") -> str:
         if step.action == "run":
             ups = {u: f"<run id of {u}>" for u in n.upstream.values()}
             cmd = command(n, ups, output_dir=f"{ctx.output_root}/{n.id}-<attempt>", study=ctx.study)
-            lines.append("    " + shlex.join(cmd))
+            lines.append("    " + redact_text(shlex.join(cmd)))
     counts = {a: sum(s.action == a for s in plan) for a in ("reuse", "run", "blocked", "elsewhere")}
     lines.append("plan: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return "\n".join(lines)
@@ -652,7 +665,7 @@ def _run_node(node: Node, upstream_ids: dict[str, str], ctx: Context, store: Sto
     cmd = command(node, upstream_ids, output_dir=str(out_dir), study=ctx.study)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
+        log.write("$ " + redact_text(shlex.join(cmd)) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(node, ctx), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -710,21 +723,173 @@ def _find_run(store: Store, node: Node, sweep_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+# ----------------------------------------------------------------------------------- claims
+CLAIM_HEARTBEAT_SECONDS = 15.0
+CLAIM_STALE_ENV = "SST_LAB_CLAIM_STALE_SECONDS"  # a claim whose heartbeat is older is stale (default 120)
+
+
+def claims_experiment(study: str) -> str:
+    return f"{study}.sweep-claims"
+
+
+class Claims:
+    """Which sweep runs which node, so that two sweeps of one study never start a node twice.
+
+    A claim is a RUNNING run in the experiment ``<study>.sweep-claims`` tagged with the node's
+    ``sweep.key``/``sweep.seed``, the sweep's id, host and pid, and a ``claim.heartbeat`` (epoch
+    seconds) that a thread of the sweep renews every 15 s. Claiming is create-then-check, which
+    needs only read-after-write consistency (sqlite, PostgreSQL, an mlflow server): a sweep creates
+    its claim, then lists the node's live claims; it holds the node only if its claim is the only
+    one, else it withdraws its claim (KILLED) and tries again later. Two sweeps can both withdraw,
+    never both hold. A claim is stale, and is ended FAILED with the reason, when its sweep process
+    is gone (same host, dead pid) or its heartbeat is older than ``$SST_LAB_CLAIM_STALE_SECONDS``
+    (120; across hosts this compares clocks). A claim ends FINISHED once its node's stage has ended,
+    whatever the stage's outcome.
+    """
+
+    def __init__(self, store: Store, sweep_id: str):
+        from sst_lab.tracking.run import ensure_experiment
+
+        self.client, self.sweep_id = store.client, sweep_id
+        self.experiment_id = ensure_experiment(store.uri, claims_experiment(store.study))
+        self.host, self.pid = socket.gethostname(), str(os.getpid())
+        self.stale_seconds = float(os.environ.get(CLAIM_STALE_ENV, "120"))
+        self.held: dict[str, str] = {}  # node id -> claim run id
+        self.lock, self.closed = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="sst-lab-claims")
+        self.thread.start()
+
+    def stale(self, run: Any) -> str:
+        """Why a RUNNING claim is stale ('' when it is live)."""
+        t = run.data.tags
+        if t.get("host") == self.host and not _pid_alive(t.get("pid", "")):
+            return f"stale claim: sweep {t.get('sweep.id')} (pid {t.get('pid')} on {self.host}) is gone"
+        age = time.time() - float(t.get("claim.heartbeat", "0"))
+        if age > self.stale_seconds:
+            return (f"stale claim: sweep {t.get('sweep.id')} on {t.get('host')} sent no heartbeat for {age:.0f} s "
+                    f"(> ${CLAIM_STALE_ENV} = {self.stale_seconds:g})")
+        return ""
+
+    def live(self, node: Node) -> list[Any]:
+        """The node's live claims; stale ones are ended FAILED on the way."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1000,
+                                       filter_string=f"tags.`sweep.key` = '{node.key}' and tags.`sweep.seed` = "
+                                                     f"'{node.seed}' and attributes.status = 'RUNNING'")
+        out = []
+        for run in runs:
+            why = self.stale(run)
+            if not why:
+                out.append(run)
+                continue
+            self.client.set_tag(run.info.run_id, "error", why)
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+        return out
+
+    def acquire(self, node: Node) -> str:
+        """Claim ``node``: '' when this sweep now holds it, else who holds it."""
+        tags = {"sweep.key": node.key, "sweep.seed": str(node.seed), "sweep.node": node.id,
+                "sweep.id": self.sweep_id, "host": self.host, "pid": self.pid, "claim.heartbeat": f"{time.time():.3f}"}
+        mine = self.client.create_run(self.experiment_id, run_name=f"claim-{node.id}", tags=tags).info.run_id
+        others = [r for r in self.live(node) if r.info.run_id != mine]
+        if others:
+            self.client.set_terminated(mine, status="KILLED")
+            return "claimed at the same time by " + ", ".join(self.describe(r) for r in others)
+        with self.lock:
+            self.held[node.id] = mine
+        return ""
+
+    @staticmethod
+    def describe(run: Any) -> str:
+        t = run.data.tags
+        return f"sweep {t.get('sweep.id')} on {t.get('host')} pid {t.get('pid')}"
+
+    def release(self, node_id: str, status: str = "FINISHED") -> None:
+        with self.lock:
+            run_id = self.held.pop(node_id, None)
+        if run_id is not None:
+            self.client.set_terminated(run_id, status=status)
+
+    def _beat(self) -> None:
+        while not self.closed.wait(CLAIM_HEARTBEAT_SECONDS):
+            with self.lock:
+                held = list(self.held.values())
+            for run_id in held:
+                try:
+                    self.client.set_tag(run_id, "claim.heartbeat", f"{time.time():.3f}")
+                except Exception as exc:  # noqa: BLE001 - the next beat retries; say so
+                    print(f"[sweep] claim heartbeat of {run_id} failed: {redact_text(str(exc))[:300]}",
+                          file=sys.stderr)
+
+    def close(self) -> None:
+        """Stop the heartbeat; claims still held (an interrupted sweep) end KILLED."""
+        self.closed.set()
+        for node_id in list(self.held):
+            self.release(node_id, status="KILLED")
+
+
+def _take_node(step: Step, store: Store, claims: Claims) -> tuple[str, str]:
+    """Just before a node would start, look at the store again and claim it. Returns
+    ``("reuse", run_id)`` when a FINISHED run appeared since the plan (another sweep ran it),
+    ``("wait", why)`` while another sweep's live claim holds it, ``("elsewhere", why)`` for a live
+    RUNNING stage run that no sweep claims (what the planner skips too), ``("run", "")`` once this
+    sweep holds the node's claim."""
+    host, planned = socket.gethostname(), {a.run_id for a in step.stale}
+    for check in ("before", "after"):  # after claiming, look again: the holder may just have finished
+        runs = store.node_attempts(step.node)
+        finished = [a for a in runs if a.status == "FINISHED"]
+        if finished:
+            claims.release(step.node.id)
+            return "reuse", finished[0].run_id
+        alive = [a for a in runs if a.status == "RUNNING" and a.run_id not in planned
+                 and (a.host != host or _pid_alive(a.pid))]
+        if check == "before":
+            holders = claims.live(step.node)
+            if holders:
+                return "wait", "claimed by " + ", ".join(claims.describe(r) for r in holders)
+        if alive:
+            claims.release(step.node.id, status="KILLED")
+            return "elsewhere", "RUNNING: " + ", ".join(f"{a.run_id} on {a.host} pid {a.pid}" for a in alive)
+        if check == "before":
+            holder = claims.acquire(step.node)
+            if holder:
+                return "wait", holder
+    return "run", ""
+
+
+CLAIM_RETRY_SECONDS = 2.0
+
+
+def _may_wait(plan: list[Step]) -> set[str]:
+    """Nodes the plan found RUNNING elsewhere, and nodes blocked only by such nodes: at run time they
+    are waited for while another sweep's live claim holds them (and reused once FINISHED), and
+    skipped as ``elsewhere`` only when no sweep claims the RUNNING stage (see :func:`_take_node`)."""
+    ok, out = {s.node.id for s in plan if s.action in ("run", "reuse")}, set()
+    for step in plan:  # dependency order
+        ups = set(step.node.upstream.values())
+        if step.action == "elsewhere" or (step.action == "blocked" and step.note.startswith("waits for")
+                                          and ups <= ok | out):
+            out.add(step.node.id)
+    return out
+
+
 def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
     """Run the plan's ``run`` steps with ``ctx.workers`` processes; see the module docstring."""
     outcomes: dict[str, Outcome] = {}
     run_ids: dict[str, str] = {}
+    may_wait = _may_wait(plan)
     for step in plan:
         if step.action == "reuse":
             outcomes[step.node.id] = Outcome(step.node.id, "reused", step.run_id)
             run_ids[step.node.id] = step.run_id
-        elif step.action in ("blocked", "elsewhere"):
+        elif step.action in ("blocked", "elsewhere") and step.node.id not in may_wait:
             outcomes[step.node.id] = Outcome(step.node.id, step.action, error=step.note)
     order = {s.node.id: i for i, s in enumerate(plan)}  # earlier stages first: training unlocks the most work
-    pending = sorted((s for s in plan if s.action == "run"),
+    pending = sorted((s for s in plan if s.action == "run" or s.node.id in may_wait),
                      key=lambda s: (PIPELINE.index(s.node.stage), order[s.node.id]))
     children, stop = _Children(), threading.Event()
     interrupted: list[int] = []
+    claims = Claims(store, ctx.sweep_id) if pending else None
+    retry_at: dict[str, float] = {}  # nodes another sweep holds: when to look again
 
     def on_signal(signum, _frame):
         interrupted.append(signum)
@@ -740,6 +905,7 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
             while pending or running:
                 failed = {k for k, o in outcomes.items() if o.status in ("failed", "blocked", "interrupted",
                                                                          "elsewhere")}
+                changed = False
                 for step in list(pending):
                     ups = set(step.node.upstream.values())
                     if ups & failed:
@@ -747,8 +913,29 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
                         bad = sorted(ups & failed)
                         outcomes[step.node.id] = Outcome(step.node.id, "blocked", error=f"upstream failed: {bad}")
                         failed.add(step.node.id)
+                        retry_at.pop(step.node.id, None)
                     elif not stop.is_set() and len(running) < ctx.workers and ups <= set(run_ids):
+                        if time.monotonic() < retry_at.get(step.node.id, 0.0):
+                            continue
+                        action, why = _take_node(step, store, claims)
+                        if action == "wait":
+                            if step.node.id not in retry_at:
+                                ctx.echo(f"[sweep] wait {step.node.id}: {why}")
+                            retry_at[step.node.id] = time.monotonic() + CLAIM_RETRY_SECONDS * (1 + random.random())
+                            continue
                         pending.remove(step)
+                        retry_at.pop(step.node.id, None)
+                        changed = True
+                        if action == "reuse":
+                            outcomes[step.node.id] = Outcome(step.node.id, "reused", why)
+                            run_ids[step.node.id] = why
+                            ctx.echo(f"[sweep] reuse {step.node.id}: run {why} was run by another sweep")
+                            continue
+                        if action == "elsewhere":
+                            outcomes[step.node.id] = Outcome(step.node.id, "elsewhere", error=why)
+                            failed.add(step.node.id)
+                            ctx.echo(f"[sweep] elsewhere {step.node.id}: {why}")
+                            continue
                         for a in step.stale:
                             store.mark_abandoned(a.run_id, f"abandoned: process {a.pid} on {a.host} is gone; "
                                                            f"rerun by sweep {ctx.sweep_id}")
@@ -758,10 +945,14 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
                 if stop.is_set() and not running:
                     break
                 if not running:
-                    break  # nothing runnable is left (dependencies can no longer be met)
+                    if not retry_at and not changed:
+                        break  # nothing runnable is left (dependencies can no longer be met)
+                    time.sleep(0.5 if retry_at else 0.0)  # another sweep holds what is left: wait for it
+                    continue
                 done, _ = cf.wait(list(running), timeout=1.0, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     step = running.pop(fut)
+                    claims.release(step.node.id)
                     try:
                         out = fut.result()
                     except Exception as exc:  # the launcher itself failed (bad script path, store down...)
@@ -777,6 +968,8 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
+        if claims is not None:
+            claims.close()
     for step in pending:
         outcomes.setdefault(step.node.id, Outcome(step.node.id, "not_started",
                                                   error="sweep interrupted" if interrupted else "sweep stopped"))

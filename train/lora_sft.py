@@ -14,6 +14,7 @@ from sst_lab.data import load_training_records, training_items
 from sst_lab.io import atomic_dir, write_json_atomic
 from sst_lab.models import (ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path,
                             write_base_record)
+from sst_lab.redact import redact_text, redact_when_pickled
 
 ROLES = ("utility", "safety", "other")
 
@@ -63,6 +64,18 @@ def validate(args: TrainArguments, training_args: Any, model_args: Any) -> None:
     check_target_modules(resolve_model_path(model_args.model_name_or_path), model_args.lora_target_modules)
 
 
+def _RedactingSFTTrainer(base: type) -> type:  # noqa: N802 - a class factory (trl is imported lazily)
+    class RedactingSFTTrainer(base):
+        """SFTTrainer whose model card (README.md beside every checkpoint) names no secret: TRL takes the
+        model name from ``hub_model_id``, which may be a URI with a password or a token."""
+
+        def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+            return super().create_model_card(model_name=model_name and redact_text(model_name),
+                                             dataset_name=dataset_name and redact_text(dataset_name), tags=tags)
+
+    return RedactingSFTTrainer
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -83,7 +96,7 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
     records = load_training_records(source, fmt=args.dataset_format, split=args.dataset_train_split,
                                     config=args.dataset_config, sample_size=args.sample_size,
                                     seed=training_args.seed)
-    run.log_dataset(records, name=Path(args.dataset_name).name, source=source, context="train")
+    run.log_dataset(records, name=redact_text(Path(args.dataset_name).name), source=redact_text(source), context="train")
 
     final = Path(training_args.output_dir) / "adapter"
     if final.exists():
@@ -94,8 +107,9 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
+    redact_when_pickled(training_args)  # training_args.bin (every checkpoint, the adapter) holds no secret
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-    trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=dataset,
+    trainer = _RedactingSFTTrainer(SFTTrainer)(model=model_path, args=training_args, train_dataset=dataset,
                          peft_config=get_peft_config(model_args), quantization_config=get_quantization_config(model_args),
                          callbacks=[StageMetricsCallback(run)])
     t0 = time.perf_counter()
