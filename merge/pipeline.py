@@ -22,13 +22,14 @@ import torch
 from sst_lab.config import ConfigError
 from sst_lab.data import load_training_records, training_items
 from sst_lab.io import atomic_dir, write_json_atomic
-from sst_lab.merge.lora import AdapterWeights, plan_merge, read_adapter, refactorise, write_adapter
+from sst_lab.merge.lora import AdapterWeights, factorise_exact, plan_merge, read_adapter, refactorise, write_adapter
 from sst_lab.merge.methods import MethodParams, ModuleInputs, available_methods, get_method, run_method
 from sst_lab.merge.sst import global_k_budget, solve_gevp
 from sst_lab.models import ModelError, check_adapter_base, local_model_dir, resolve_model_path, write_base_record
 from sst_lab.tracking.lineage import Upstream, resolve
 
 FISHER_METHODS = ("sst", "sst_diag")
+TRUNCATION_TOLERANCE = 1e-4  # relative Frobenius error above which an output_rank truncation is refused
 
 
 @dataclass
@@ -63,7 +64,12 @@ class MergeArguments:
     max_length: int = field(default=512, metadata={"help": "Token limit of a Fisher example."})
     fisher_dtype: str = field(default="float32", metadata={"help": "Model dtype for the Fisher pass."})
     output_rank: int | None = field(default=None, metadata={
-        "help": "Rank of the merged LoRA; default r_utility + r_safety (exact for linear/cat/sst)."})
+        "help": "Rank of the merged LoRA. Default: exact, each module at the exact rank of its merged dW "
+                "(r_u + r_s for linear/cat/sst, up to min(out, in) for ties/dare_*). A given rank that loses "
+                f"more than {TRUNCATION_TOLERANCE:g} of a module's update (relative Frobenius) fails the run "
+                "unless allow_truncation."})
+    allow_truncation: bool = field(default=False, metadata={
+        "help": "Accept an output_rank that truncates the merged update (the error is logged per module)."})
     save_full_model: bool = field(default=False, metadata={
         "help": "Also write base + merged adapter folded into one full model (output_dir/full_model)."})
     allow_identical_to_input: bool = field(default=False, metadata={
@@ -208,9 +214,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         per_module_k = global_k_budget(spectra, args.k_global)
     norms = base_weight_norms(inputs.base_model, plan.names)
 
-    rank = args.output_rank or (inputs.u.r + inputs.s.r)
     t0 = time.perf_counter()
-    modules, report_modules = {}, {}
+    modules, report_modules, ranks = {}, {}, {}
     for pair in plan.pairs:
         n = pair.name
         fu, fs = inputs.u.modules[n], inputs.s.modules[n]
@@ -218,20 +223,26 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         result = run_method(args.method, ModuleInputs(n, fu, fs, None if F_s is None else F_s[n],
                                                       None if F_u is None else F_u[n]), params)
         dW_u, dW_s, dW_m = fu.delta(), fs.delta(), result.delta
-        A, B, err = refactorise(dW_m, min(rank, *dW_m.shape))
+        if args.output_rank is None:
+            A, B, err, rank_n = factorise_exact(dW_m)
+        else:
+            rank_n = min(args.output_rank, *dW_m.shape)
+            A, B, err = refactorise(dW_m, rank_n)
         modules[n] = (A, B)
+        ranks[n] = rank_n
         stats = _jsonable(result.stats)
         if stats.get("eigenvalues"):
             stats["top_eigenvalue"] = stats["eigenvalues"][0]
-        entry = {**stats, "refactor_rel_error": err,
+        entry = {**stats, "output_rank": rank_n, "refactor_rel_error": err,
                  "rel_dist_base": float(dW_m.norm()) / norms[n],
                  "rel_dist_utility": _rel(dW_m, dW_u), "rel_dist_safety": _rel(dW_m, dW_s),
                  "safety_norm_rel_base": float(dW_s.norm()) / norms[n]}
         report_modules[n] = entry
     info["merge_seconds"] = time.perf_counter() - t0
     _check_distinct(args, report_modules)
+    _check_truncation(args, report_modules)
 
-    report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": rank,
+    report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": args.output_rank or "exact",
               "base_model": inputs.base_model, "modules": report_modules, **info}
     metrics = _metrics(report_modules, info)
     metrics["merge/total_seconds"] = time.perf_counter() - t_start
@@ -241,7 +252,7 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
 
     if run.enabled:
         with atomic_dir(out_dir) as tmp:
-            write_adapter(tmp, modules, base_model_name_or_path=inputs.u.base_model_name_or_path, rank=rank,
+            write_adapter(tmp, modules, base_model_name_or_path=inputs.u.base_model_name_or_path, rank=ranks,
                           template_config=inputs.u.config)
             lineage_items = (_items(inputs.utility.path) + _items(inputs.safety.path) + fisher_items)
             write_json_atomic(tmp / "training_items.json", _dedup(lineage_items))
@@ -298,6 +309,20 @@ def _check_distinct(args: MergeArguments, modules: dict[str, dict]) -> None:
         if all(m[f"rel_dist_{which}"] <= tol for m in modules.values()) and not args.allow_identical_to_input:
             raise RuntimeError(f"merge {args.method}: the merged model equals the {which} input in every module "
                                "(e.g. k=0 or alpha=0); pass allow_identical_to_input to accept that")
+
+
+def _check_truncation(args: MergeArguments, modules: dict[str, dict]) -> None:
+    """An ``output_rank`` that drops more than ``TRUNCATION_TOLERANCE`` of any module's update fails
+    the run (naming the modules) unless ``allow_truncation``; the exact default never truncates."""
+    lossy = {n: m["refactor_rel_error"] for n, m in modules.items() if m["refactor_rel_error"] > TRUNCATION_TOLERANCE}
+    if args.output_rank is None and lossy:
+        raise RuntimeError(f"merge {args.method}: exact factorisation lost {max(lossy.values()):.2e} in {sorted(lossy)[:3]}")
+    if lossy and not args.allow_truncation:
+        worst = sorted(lossy.items(), key=lambda kv: -kv[1])[:5]
+        listed = ", ".join(f"{n}: {e:.3f}" for n, e in worst)
+        raise ValueError(f"output_rank = {args.output_rank} truncates the {args.method} merge in {len(lossy)} of "
+                         f"{len(modules)} modules by more than {TRUNCATION_TOLERANCE:g} (relative Frobenius error; "
+                         f"worst: {listed}); leave output_rank unset for the exact merge or pass allow_truncation")
 
 
 def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> dict[str, float]:

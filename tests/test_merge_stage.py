@@ -174,3 +174,31 @@ def test_full_model_export_equals_base_plus_merged_adapter(trained, store, world
         full = AutoModelForCausalLM.from_pretrained(out / "full_model").eval()(ids).logits
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out).eval()(ids).logits
     assert torch.allclose(full, peft, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_sparse_merges_are_written_exactly_and_truncation_is_refused(trained, store, world, tmp_path, method):
+    """TIES/DARE give a full-rank dW: the default writes it at its exact rank (PEFT loads it back as
+    is); an output_rank that truncates it fails naming the modules unless allow_truncation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sst_lab.merge.fisher import lora_layers
+    from sst_lab.merge.methods import MethodParams, ModuleInputs, run_method
+
+    u, s = read_adapter(trained.utility_adapter), read_adapter(trained.safety_adapter)
+    params = MethodParams(density=0.5, **({"seed": 0} if method.startswith("dare") else {}))
+    expected = {n: run_method(method, ModuleInputs(n, u.modules[n], s.modules[n]), params).delta for n in u.modules}
+    out = merge_in_process(trained, store, tmp_path, method, "--density", "0.5")
+    report = json.loads((out / "merge_report.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out)
+    for name, layer in lora_layers(model, "default").items():
+        exact = expected[name]
+        assert report["modules"][name]["output_rank"] > u.r + s.r  # full rank, not r_u + r_s
+        assert float((layer.get_delta_weight("default").double() - exact).norm() / exact.norm()) < 1e-5, name
+    with pytest.raises(ValueError, match=r"output_rank = 16 truncates .* allow_truncation"):
+        merge_in_process(trained, store, tmp_path, method, "--density", "0.5", "--output_rank", "16")
+    lossy = merge_in_process(trained, store, tmp_path, method, "--density", "0.5", "--output_rank", "16",
+                             "--allow_truncation", "true")
+    errors = [m["refactor_rel_error"] for m in json.loads((lossy / "merge_report.json").read_text())["modules"].values()]
+    assert min(errors) > 0.1  # the truncation the old default did silently, now logged per module
