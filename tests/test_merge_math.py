@@ -532,3 +532,48 @@ def test_fisher_halves_and_gradient_at_core_zero(both_model) -> None:
     for n in slow:
         assert rel(at_zero[n], slow[n]) < 1e-5, n
     assert rel(at_zero[name], grads[name]) > 1e-2
+
+
+def test_euclidean_projection_is_a_piece_of_the_update(module_inputs: ModuleInputs) -> None:
+    """Both projections exact at k = r^2; the Euclidean one is the Frobenius-orthogonal projection of
+    dW_s onto the same span (kept fraction <= 1, residual orthogonal to the span)."""
+    n = R_S**2
+    u, s = module_inputs.utility.delta(), module_inputs.safety.delta()
+    singular = replace(module_inputs, fisher_u=random_fisher(6, R_S, torch.Generator().manual_seed(5)))
+    for proj in sst.PROJECTIONS:
+        full = run_method("sst", singular, MethodParams(k=n, projection=proj))
+        assert rel(full.delta, u + s) < 1e-10, proj
+    gevp = sst.solve_gevp(singular.fisher_s, singular.fisher_u, 1e-3)
+    for k in (1, 4, 9, 15):
+        M, kept = sst.project_core_euclidean(gevp, k, singular.safety)
+        dW = sst.core_delta(singular.safety, M)
+        assert kept <= 1 + 1e-12 and kept == pytest.approx(float(dW.norm() / s.norm()), rel=1e-9)
+        Q = torch.linalg.qr(gevp.V[:, :k]).Q  # residual is Frobenius-orthogonal to every direction kept
+        for j in range(k):
+            direction = sst.core_delta(singular.safety, Q[:, j].reshape(R_S, R_S))
+            assert abs(float(((s - dW) * direction).sum())) < 1e-9 * float(s.norm() * direction.norm())
+    stats = run_method("sst", singular, MethodParams(k=4, projection="euclidean")).stats
+    assert stats["kept_fraction"] <= 1
+
+
+def test_sst_diagnostics_against_direct_computation(module_inputs: ModuleInputs) -> None:
+    gen = torch.Generator().manual_seed(7)
+    halves = ((random_fisher(40, R_S, gen), random_fisher(30, R_S, gen)),
+              (random_fisher(40, R_S, gen), random_fisher(30, R_S, gen)))
+    same = ((module_inputs.fisher_s, module_inputs.fisher_u),) * 2
+    k, alpha = 5, 0.7
+    res = run_method("sst", replace(module_inputs, fisher_halves=halves), MethodParams(k=k, alpha=alpha))
+    st = res.stats
+    ev = torch.tensor(st["eigenvalues"])
+    assert st["eigengap_at_k"] == pytest.approx(float(ev[k - 1] / ev[k]))
+    delta = (alpha * res.core - torch.eye(R_S, dtype=torch.float64)).reshape(-1)
+    assert st["predicted_safety_loss_change"] == pytest.approx(0.5 * float(delta @ module_inputs.fisher_s @ delta))
+    assert st["predicted_utility_loss_change"] == pytest.approx(0.5 * float(delta @ module_inputs.fisher_u @ delta))
+    assert 1 <= st["effective_rank_gevp"] <= R_S**2 and 0 <= st["core_in_eps_dominated"] <= 1
+    assert 0 < st["subspace_overlap"] < 1
+    stable = run_method("sst", replace(module_inputs, fisher_halves=same), MethodParams(k=k)).stats
+    assert stable["subspace_overlap"] == pytest.approx(1.0) and stable["subspace_max_angle_deg"] < 1e-3
+    from sst_lab.merge.diagnostics import effective_rank
+
+    assert effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1.0)
+    assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
