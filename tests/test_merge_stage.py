@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -48,11 +49,11 @@ def merged_sst(trained, store, tmp_path_factory):
                       "--safety_adapter", trained.safety_run, "--method", "sst", "--k", "16", "--alpha", "1.0",
                       "--study", "tests-merge", "--tracking_uri", store, "--output_dir", str(out), "--seed", "1"])
     run_id = proc.stdout.split("run_id: ")[1].split()[0]
-    return run_id, out
+    return run_id, out, proc.stdout
 
 
 def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
-    run_id, out = merged_sst
+    run_id, out, proc_out = merged_sst
     run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
@@ -64,6 +65,15 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     assert m["merge/rel_dist_utility/min"] > 0 and m["merge/rel_dist_base/min"] > 0
     assert m["merge/fisher_safety_n"] > 0 and m["merge/fisher_utility_n"] > 0
     assert run.data.params["merge.k"] == "16" and run.data.params["merge.eps_rel"] == "null"
+    for key in ("fidelity/safety_measured_change", "fidelity/safety_predicted_change", "fidelity/utility_loss_after",
+                "subspace_overlap/mean", "eigengap_at_k/min", "effective_rank_fisher_utility/mean",
+                "core_in_eps_dominated/max", "fisher_safety_heldout_n"):
+        assert math.isfinite(m[f"merge/{key}"]), key
+    assert 0 <= m["merge/subspace_overlap/min"] <= 1 and m["merge/fisher_safety_heldout_n"] == 32
+    if m["merge/kept_fraction/max"] > 1:  # the warning is a tag and a printed line
+        assert "kept_fraction > 1" in tags["kept_fraction_above_1"] and "WARNING: kept_fraction > 1" in proc_out
+    else:
+        assert "kept_fraction_above_1" not in tags
     report = json.loads((out / "merge_report.json").read_text())
     some = next(iter(report["modules"].values()))
     assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
@@ -202,3 +212,23 @@ def test_sparse_merges_are_written_exactly_and_truncation_is_refused(trained, st
                              "--allow_truncation", "true")
     errors = [m["refactor_rel_error"] for m in json.loads((lossy / "merge_report.json").read_text())["modules"].values()]
     assert min(errors) > 0.1  # the truncation the old default did silently, now logged per module
+
+
+def test_sst_curvature_point_and_projection_options(trained, store, tmp_path):
+    """Sampled Fisher at each adapter's own point, Euclidean projection: a piece of the safety update
+    (kept fraction <= 1, no warning), diagnostics per module and in MLflow, recorded options."""
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "16", "--alpha", "1.0", "--curvature", "sampled",
+                           "--fisher_point", "own", "--projection", "euclidean", study="tests-merge-options")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["fisher_curvature"] == "sampled" and report["fisher_point"] == "own"
+    assert report["params"]["projection"] == "euclidean" and "kept_fraction_warning" not in report
+    for m in report["modules"].values():
+        assert m["kept_fraction"] <= 1 + 1e-9 and 0 <= m["subspace_overlap"] <= 1
+        assert m["predicted_safety_loss_change"] >= 0 and "eigengap_at_k" in m
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.search_runs([client.get_experiment_by_name("tests-merge-options").experiment_id])[0]
+    assert run.data.params["merge.curvature"] == "sampled" and run.data.params["merge.fisher_point"] == "own"
+    assert "kept_fraction_above_1" not in run.data.tags
+    assert math.isfinite(run.data.metrics["merge/fidelity/utility_measured_change"])
+    with pytest.raises(ConfigError, match="curvature"):
+        merge_in_process(trained, store, tmp_path, "linear", "--curvature", "sampled")
