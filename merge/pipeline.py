@@ -2,9 +2,11 @@
 
 Order of work (mergekit's "plan, check, execute, commit"): resolve both adapters (paths or train
 run ids), read them, pair modules by name and check compatibility *before* any tensor is touched;
-then compute Fisher blocks when the method needs them, merge module by module through the method
-registry, re-factorise each merged dW to a LoRA of a stated rank (relative error logged), check
-the result differs from the base and from each input, and write the merged adapter atomically.
+then compute Fisher blocks when the method needs them (curvature and point chosen, two halves for
+stability, held-out examples for fidelity), merge module by module through the method registry,
+factorise each merged dW exactly (or at a requested rank, refused above ``TRUNCATION_TOLERANCE``
+unless allowed), measure the SST step's held-out loss change, check the result differs from the
+base and from each input, and write the merged adapter atomically.
 """
 
 from __future__ import annotations
