@@ -45,7 +45,8 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
     client = mlflow.MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("bench-sst").experiment_id
     merge_run = client.search_runs([exp], f"tags.mlflow.runName = '{name}-s{seed}'")[0]
-    evaluate_main(["--config", "configs/evaluate/tiny.yaml", "--adapter", str(out), "--suites", *opts.suites, "--role", "merged",
+    evaluate_main(["--config", "configs/evaluate/tiny.yaml", "--adapter", str(out), "--suites", *opts.suites,
+                   "--role", "merged",
                    "--study", "bench-sst", "--tracking_uri", store, "--run_name", f"eval-{name}-s{seed}"])
     eval_run = client.search_runs([exp], f"tags.mlflow.runName = 'eval-{name}-s{seed}'")[0]
     row = {"variant": name, "seed": seed, "k": opts.k, "alpha": opts.alpha}

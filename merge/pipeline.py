@@ -331,7 +331,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
 
     if warning:
         info["kept_fraction_warning"] = warning
-    report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": args.output_rank or "exact",
+    report = {"method": args.method, "params": _jsonable(vars(args.method_params())),
+              "output_rank": args.output_rank or "exact",
               "base_model": inputs.base_model, "modules": report_modules, **info}
     metrics = _metrics(report_modules, info)
     metrics["merge/total_seconds"] = time.perf_counter() - t_start
@@ -419,7 +420,8 @@ def _check_truncation(args: MergeArguments, modules: dict[str, dict]) -> None:
     the run (naming the modules) unless ``allow_truncation``; the exact default never truncates."""
     lossy = {n: m["refactor_rel_error"] for n, m in modules.items() if m["refactor_rel_error"] > TRUNCATION_TOLERANCE}
     if args.output_rank is None and lossy:
-        raise RuntimeError(f"merge {args.method}: exact factorisation lost {max(lossy.values()):.2e} in {sorted(lossy)[:3]}")
+        raise RuntimeError(f"merge {args.method}: exact factorisation lost {max(lossy.values()):.2e} "
+                           f"in {sorted(lossy)[:3]}")
     if lossy and not args.allow_truncation:
         worst = sorted(lossy.items(), key=lambda kv: -kv[1])[:5]
         listed = ", ".join(f"{n}: {e:.3f}" for n, e in worst)
