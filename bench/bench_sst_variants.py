@@ -24,6 +24,7 @@ from pathlib import Path
 VARIANTS = {f"sst-{c}-{p}-{j}": ["--method", "sst", "--curvature", c, "--fisher_point", p, "--projection", j]
             for c in ("empirical", "sampled") for p in ("merged", "own") for j in ("metric", "euclidean")}
 VARIANTS["linear"] = ["--method", "linear"]
+VARIANTS["linear-w2"] = ["--method", "linear", "--weights", "1.0", "2.0"]  # = sst at k = r^2, alpha = 2
 MERGE_KEYS = ("fidelity/safety_ratio", "fidelity/utility_ratio", "fidelity/safety_measured_change",
               "fidelity/safety_predicted_change", "fidelity/utility_measured_change",
               "fidelity/utility_predicted_change", "subspace_overlap/mean", "eigengap_at_k/mean",
@@ -38,7 +39,7 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
     from sst_lab.merge.merge import main as merge_main
 
     out = work / f"{name}-s{seed}"
-    extra = ["--k", str(opts.k), "--alpha", str(opts.alpha)] if name != "linear" else []
+    extra = ["--k", str(opts.k), "--alpha", str(opts.alpha)] if name.startswith("sst") else []
     merge_main(["--config", "configs/merge/tiny.yaml", "--utility_adapter", opts.utility_adapter, "--safety_adapter",
                 opts.safety_adapter, *args, *extra, "--seed", str(seed), "--study", "bench-sst", "--tracking_uri",
                 store, "--output_dir", str(out), "--run_name", f"{name}-s{seed}"])
@@ -58,11 +59,13 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
 
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    cols = ["safety/harmful-demo/refusal_rate", "utility/task-demo/exact_match", "fidelity/safety_measured_change",
-            "fidelity/safety_predicted_change", "fidelity/safety_ratio", "fidelity/utility_ratio",
-            "subspace_overlap/mean", "eigengap_at_k/mean", "kept_fraction/max", "core_in_eps_dominated/mean"]
+    cols = {"safety/harmful-demo/refusal_rate": "refusal", "utility/task-demo/exact_match": "task EM",
+            "fidelity/safety_measured_change": "ΔL_s measured", "fidelity/safety_predicted_change": "ΔL_s predicted",
+            "fidelity/utility_measured_change": "ΔL_u measured", "fidelity/utility_predicted_change": "ΔL_u predicted",
+            "subspace_overlap/mean": "overlap", "eigengap_at_k/mean": "gap λk/λk+1",
+            "kept_fraction/max": "kept max", "core_in_eps_dominated/mean": "core in ε-dom."}
     present = [c for c in cols if any(c in r for r in rows)]
-    lines = ["| variant | seeds | " + " | ".join(present) + " |", "|" + "---|" * (len(present) + 2)]
+    lines = ["| variant | seeds | " + " | ".join(cols[c] for c in present) + " |", "|" + "---|" * (len(present) + 2)]
     for variant in dict.fromkeys(r["variant"] for r in rows):
         sel = [r for r in rows if r["variant"] == variant]
         cells = []
@@ -84,7 +87,7 @@ def main() -> None:
     p.add_argument("--utility_adapter")
     p.add_argument("--safety_adapter")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "linear-w2"])
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--suites", nargs="+", default=["harmful-demo", "task-demo"])

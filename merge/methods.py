@@ -60,7 +60,7 @@ class MethodParams:
     k: int | None = None  # sst, sst_diag: directions / core entries kept, in [0, r_s^2]
     alpha: float = 1.0  # sst, sst_diag: scale of the projected safety update
     eps_rel: float = 1e-3  # sst, sst_diag: damping relative to the mean eigenvalue of F_u
-    projection: str = "metric"  # sst: "metric" (F_u + eps I, oblique) or "euclidean" (Frobenius of dW)
+    projection: str = "euclidean"  # sst: "euclidean" (Frobenius of dW) or "metric" (F_u + eps I, oblique)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # YAML gives lists

@@ -15,7 +15,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +68,16 @@ class MergeArguments:
     fisher_batch_size: int = field(default=16, metadata={"help": "Examples per forward/backward."})
     max_length: int = field(default=512, metadata={"help": "Token limit of a Fisher example."})
     fisher_dtype: str = field(default="float32", metadata={"help": "Model dtype for the Fisher pass."})
-    curvature: str = field(default="empirical", metadata={
-        "help": "sst/sst_diag: 'empirical' Fisher (data labels) or 'sampled' Fisher (labels drawn from the model, "
-                "seeded: a Monte Carlo Gauss-Newton). See merge/README.md."})
+    curvature: str = field(default="sampled", metadata={
+        "help": "sst/sst_diag: 'sampled' Fisher (labels drawn from the model, seeded: a Monte Carlo Gauss-Newton; "
+                "default, measured closer to the real loss change) or 'empirical' Fisher (data labels). See "
+                "merge/README.md."})
     fisher_point: str = field(default="merged", metadata={
         "help": "sst/sst_diag: where the Fishers are taken: 'merged' (base + utility + safety) or 'own' (safety "
                 "data at base + safety, utility data at base + utility, safety core at 0)."})
     projection: str | None = field(default=None, metadata={
-        "help": "sst: 'metric' (F_u + eps I, the default) or 'euclidean' (Frobenius of the update)."})
+        "help": "sst: 'euclidean' (Frobenius of the update: a piece of it, the default) or 'metric' (F_u + eps I, "
+                "oblique: can keep more than the update)."})
     fisher_heldout_n: int = field(default=32, metadata={
         "help": "sst/sst_diag: examples per Fisher data set held out (never in the Fisher) to measure the loss "
                 "change the curvature predicts."})
@@ -108,7 +110,9 @@ class MergeArguments:
             raise ConfigError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.fisher_point not in FISHER_POINTS:
             raise ConfigError(f"fisher_point must be one of {FISHER_POINTS}, got {self.fisher_point!r}")
-        if self.method not in FISHER_METHODS and (self.curvature, self.fisher_point) != ("empirical", "merged"):
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.method not in FISHER_METHODS and any(getattr(self, n) != defaults[n] for n in ("curvature",
+                                                                                            "fisher_point")):
             raise ConfigError(f"curvature/fisher_point are options of {FISHER_METHODS}; method is {self.method!r}")
 
     def method_params(self, k: int | None = None) -> MethodParams:

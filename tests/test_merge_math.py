@@ -577,3 +577,11 @@ def test_sst_diagnostics_against_direct_computation(module_inputs: ModuleInputs)
 
     assert effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1.0)
     assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
+
+
+def test_kept_fraction_warning_is_printed(capsys) -> None:
+    from sst_lab.merge.pipeline import _kept_fraction_warning
+
+    assert _kept_fraction_warning({"a": {"kept_fraction": 0.9}, "b": {"rel_dist_base": 2.0}}) is None
+    line = _kept_fraction_warning({"a": {"kept_fraction": 0.9}, "b": {"kept_fraction": 2.5}})
+    assert "1 of 2 modules (max 2.50 in b)" in line and f"WARNING: {line}" in capsys.readouterr().out

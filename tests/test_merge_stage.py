@@ -70,10 +70,10 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
                 "core_in_eps_dominated/max", "fisher_safety_heldout_n"):
         assert math.isfinite(m[f"merge/{key}"]), key
     assert 0 <= m["merge/subspace_overlap/min"] <= 1 and m["merge/fisher_safety_heldout_n"] == 32
-    if m["merge/kept_fraction/max"] > 1:  # the warning is a tag and a printed line
-        assert "kept_fraction > 1" in tags["kept_fraction_above_1"] and "WARNING: kept_fraction > 1" in proc_out
-    else:
-        assert "kept_fraction_above_1" not in tags
+    # the default Euclidean projection keeps a piece of the safety update: no warning
+    assert m["merge/kept_fraction/max"] <= 1 + 1e-9 and "kept_fraction_above_1" not in tags
+    assert "WARNING: kept_fraction" not in proc_out
+    assert run.data.params["merge.curvature"] == "sampled"
     report = json.loads((out / "merge_report.json").read_text())
     some = next(iter(report["modules"].values()))
     assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
@@ -216,20 +216,20 @@ def test_sparse_merges_are_written_exactly_and_truncation_is_refused(trained, st
 
 
 def test_sst_curvature_point_and_projection_options(trained, store, tmp_path):
-    """Sampled Fisher at each adapter's own point, Euclidean projection: a piece of the safety update
-    (kept fraction <= 1, no warning), diagnostics per module and in MLflow, recorded options."""
-    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "16", "--alpha", "1.0", "--curvature", "sampled",
-                           "--fisher_point", "own", "--projection", "euclidean", study="tests-merge-options")
+    """Non-default options (empirical Fisher at each adapter's own point, F_u-metric projection) are
+    recorded, carry the diagnostics, and the oblique projection's kept fraction > 1 is a tag."""
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "16", "--alpha", "1.0", "--curvature", "empirical",
+                           "--fisher_point", "own", "--projection", "metric", study="tests-merge-options")
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["fisher_curvature"] == "sampled" and report["fisher_point"] == "own"
-    assert report["params"]["projection"] == "euclidean" and "kept_fraction_warning" not in report
+    assert report["fisher_curvature"] == "empirical" and report["fisher_point"] == "own"
+    assert report["params"]["projection"] == "metric"
     for m in report["modules"].values():
-        assert m["kept_fraction"] <= 1 + 1e-9 and 0 <= m["subspace_overlap"] <= 1
-        assert m["predicted_safety_loss_change"] >= 0 and "eigengap_at_k" in m
+        assert 0 <= m["subspace_overlap"] <= 1 and m["predicted_safety_loss_change"] >= 0 and "eigengap_at_k" in m
     client = mlflow.MlflowClient(tracking_uri=store)
     run = client.search_runs([client.get_experiment_by_name("tests-merge-options").experiment_id])[0]
-    assert run.data.params["merge.curvature"] == "sampled" and run.data.params["merge.fisher_point"] == "own"
-    assert "kept_fraction_above_1" not in run.data.tags
+    assert run.data.params["merge.curvature"] == "empirical" and run.data.params["merge.fisher_point"] == "own"
+    above = max(m["kept_fraction"] for m in report["modules"].values()) > 1
+    assert ("kept_fraction_above_1" in run.data.tags) == above == ("kept_fraction_warning" in report)
     assert math.isfinite(run.data.metrics["merge/fidelity/utility_measured_change"])
     with pytest.raises(ConfigError, match="curvature"):
-        merge_in_process(trained, store, tmp_path, "linear", "--curvature", "sampled")
+        merge_in_process(trained, store, tmp_path, "linear", "--curvature", "empirical")
