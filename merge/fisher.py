@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -92,8 +93,16 @@ def validate_batch(batch: dict) -> None:
                          "position 0); drop them or fix the label mask")
 
 
-def per_example_core_grads(model, batch: dict, adapter_name: str) -> dict[str, Tensor]:
+def per_example_core_grads(model, batch: dict, adapter_name: str, *, sample_labels: torch.Generator | None = None,
+                           core: float = 1.0) -> dict[str, Tensor]:
     """``G_i`` for every example and every layer holding ``adapter_name``: ``{module: [N, r, r]}``.
+
+    ``sample_labels``: instead of the data's labels, draw each label token from the model's own
+    predictive distribution at that position (``softmax`` of the detached logits, with this
+    generator), for the sampled ("true") Fisher; which positions carry a label is unchanged.
+    ``core``: the core ``M = core * I`` the gradient is taken at, 1 (the trained adapter) or 0 (the
+    adapter switched off, e.g. the utility adapter's own point): with 0 the hook feeds ``lora_B``
+    a zero leaf ``z`` and ``G_i = sum_t (dL_i/dz_t) u_t^T`` is the gradient at ``M = 0``.
 
     Loss ``sum_i mean_{label tokens} NLL`` (labels shifted as in HF causal LMs, -100 ignored).
     Padding (right or left, with ``attention_mask``; pass ``position_ids`` in the batch for left
@@ -108,7 +117,10 @@ def per_example_core_grads(model, batch: dict, adapter_name: str) -> dict[str, T
     if inactive:
         raise ValueError(f"adapter {adapter_name!r} is not active in {len(inactive)} layers (e.g. {inactive[0]}); "
                          "call activate_adapters(model, [...]) first")
+    if core not in (0.0, 1.0):
+        raise ValueError(f"core must be 1 (trained adapter) or 0 (adapter off), got {core}")
     captured: dict[str, Tensor] = {}
+    fed: dict[str, Tensor] = {}
     handles = []
 
     def make_hook(name: str):
@@ -116,9 +128,14 @@ def per_example_core_grads(model, batch: dict, adapter_name: str) -> dict[str, T
             if name in captured:
                 raise RuntimeError(f"lora_A of {name} ran twice in one forward; per-example core grads "
                                    "assume each adapted module is called once")
+            if core == 0.0:
+                captured[name] = output.detach()
+                zero = torch.zeros_like(output, requires_grad=True)
+                fed[name] = zero
+                return zero
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
-            captured[name] = output
+            captured[name] = fed[name] = output
             return output
         return hook
 
@@ -132,12 +149,13 @@ def per_example_core_grads(model, batch: dict, adapter_name: str) -> dict[str, T
             kwargs["position_ids"] = batch["position_ids"]
         with torch.enable_grad():
             logits = model(**kwargs, use_cache=False).logits
-            loss = per_example_loss(logits, batch["labels"], batch["attention_mask"]).sum()
+            labels = batch["labels"] if sample_labels is None else sampled_labels(logits, batch, sample_labels)
+            loss = per_example_loss(logits, labels, batch["attention_mask"]).sum()
             names = list(captured)
             missing = sorted(set(layers) - set(names))
             if missing:
                 raise RuntimeError(f"lora_A[{adapter_name!r}] never ran in {missing[:5]}; is the adapter active?")
-            grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
+            grads = torch.autograd.grad(loss, [fed[n] for n in names], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -148,6 +166,23 @@ def per_example_core_grads(model, batch: dict, adapter_name: str) -> dict[str, T
         g = torch.zeros_like(u) if g is None else g.float()
         out[name] = torch.einsum("btr,bts->brs", g, u)
     return out
+
+
+def sampled_labels(logits: Tensor, batch: dict, gen: torch.Generator) -> Tensor:
+    """``labels`` with every label token replaced by a draw from ``softmax(logits)`` at the position
+    predicting it (the logits at t-1 predict token t); -100 and padding stay as they are."""
+    labels = batch["labels"].clone()
+    target = (labels[:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)
+    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)[target]
+    draws = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(labels.device)
+    shifted = labels[:, 1:]
+    shifted[target] = draws
+    return labels
+
+
+def label_counts(batch: dict) -> Tensor:
+    """``[N]`` number of label tokens (positions >= 1 with a label and attention) of each example."""
+    return ((batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)).sum(1)
 
 
 def per_example_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> Tensor:
@@ -161,23 +196,63 @@ def per_example_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> 
     return nll.sum(1) / count
 
 
-def _accumulate(model, batches: Iterable[dict], adapter_name: str, diag: bool) -> dict[str, Tensor]:
-    sums: dict[str, Tensor] = {}
+CURVATURES = ("empirical", "sampled")
+
+
+@dataclass(frozen=True)
+class FisherEstimate:
+    """Fisher blocks ``{module: [r^2, r^2]}`` (or diagonals ``[r^2]``), float64, from ``n`` examples,
+    and the same from the examples of even and of odd index (two disjoint halves, for stability)."""
+
+    full: dict[str, Tensor]
+    halves: tuple[dict[str, Tensor], dict[str, Tensor]]
+    n: int
+    curvature: str
+
+
+def estimate_fisher(model, batches: Iterable[dict], adapter_name: str, *, curvature: str = "empirical",
+                    seed: int = 0, diag: bool = False, core: float = 1.0) -> FisherEstimate:
+    """Per module ``F = (1/N) sum_i w_i vec(G_i) vec(G_i)^T`` (``vec`` row-major, as ``sst``).
+
+    ``empirical``: ``G_i`` with the data's labels, ``w_i = 1``. ``sampled``: ``G_i`` with labels
+    drawn from the model (``sampled_labels``, generator seeded with ``seed``) and ``w_i = T_i``, the
+    example's label-token count: for ``L_i = (1/T_i) sum_t l_t``, ``E[T_i G_i G_i^T] = (1/T_i)
+    sum_t J_t^T (diag p_t - p_t p_t^T) J_t``, the Gauss-Newton matrix (= Hessian of ``L_i`` up to
+    the terms in the network's second derivatives) of the core; see merge/README.md. Activate the
+    adapters the Fisher should be taken at first; ``core`` as in ``per_example_core_grads``.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    gen = torch.Generator().manual_seed(seed) if curvature == "sampled" else None
+    sums: list[dict[str, Tensor]] = [{}, {}]
+    counts = [0, 0]
     n = 0
     for batch in batches:
-        grads = per_example_core_grads(model, batch, adapter_name)
+        grads = per_example_core_grads(model, batch, adapter_name, sample_labels=gen, core=core)
+        weight = label_counts(batch).to(torch.float64).cpu() if gen is not None else None
+        parity = (torch.arange(batch["input_ids"].shape[0]) + n) % 2
         for name, G in grads.items():
-            vec = G.reshape(G.shape[0], -1).to(torch.float64)
-            term = vec.square().sum(0) if diag else vec.T @ vec
-            sums[name] = sums[name] + term if name in sums else term
+            vec = G.reshape(G.shape[0], -1).to(torch.float64).cpu()
+            if weight is not None:
+                vec = vec * weight.sqrt()[:, None]
+            for half in (0, 1):
+                v = vec[parity == half]
+                term = v.square().sum(0) if diag else v.T @ v
+                sums[half][name] = sums[half][name] + term if name in sums[half] else term
+        for half in (0, 1):
+            counts[half] += int((parity == half).sum())
         n += batch["input_ids"].shape[0]
     if n == 0:
         raise ValueError(f"no batches given for the Fisher of adapter {adapter_name!r}")
-    r2 = next(iter(sums.values())).shape[0]
+    names = list(sums[0])
+    r2 = sums[0][names[0]].shape[0]
     if n < r2:
         log.warning("Fisher of adapter %r from N = %d examples < r^2 = %d: each block has rank <= %d, the "
                     "damping eps decides the rest of the spectrum (see merge/README.md)", adapter_name, n, r2, n)
-    return {name: s / n for name, s in sums.items()}
+    zero = {name: torch.zeros_like(sums[0][name]) for name in names}
+    full = {name: (sums[0][name] + sums[1].get(name, zero[name])) / n for name in names}
+    halves = tuple({name: sums[h].get(name, zero[name]) / max(counts[h], 1) for name in names} for h in (0, 1))
+    return FisherEstimate(full, halves, n, curvature)
 
 
 def fisher_blocks(model, batches: Iterable[dict], adapter_name: str) -> dict[str, Tensor]:
@@ -186,9 +261,9 @@ def fisher_blocks(model, batches: Iterable[dict], adapter_name: str) -> dict[str
     ``vec`` is row-major (``G.reshape(-1)``), matching ``sst.project_core``. Activate the adapters
     the Fisher should be taken at (``activate_adapters(model, ["utility", "safety"])``) first.
     """
-    return _accumulate(model, batches, adapter_name, diag=False)
+    return estimate_fisher(model, batches, adapter_name).full
 
 
 def fisher_diag(model, batches: Iterable[dict], adapter_name: str) -> dict[str, Tensor]:
     """Diagonal of ``fisher_blocks`` (``[r^2]`` float64) without forming the blocks."""
-    return _accumulate(model, batches, adapter_name, diag=True)
+    return estimate_fisher(model, batches, adapter_name, diag=True).full

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 CONFIG_FILE = "adapter_config.json"
+EXACT_RANK_RTOL = 1e-10  # singular values below this fraction of the largest are float64 rounding
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
@@ -251,8 +252,30 @@ def refactorise(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return A, B, rel_error
 
 
+def exact_rank(S: Tensor, rtol: float = EXACT_RANK_RTOL) -> int:
+    """Numerical rank of singular values ``S`` (descending): count above ``rtol * S[0]`` (0 for a zero matrix).
+
+    ``rtol = 1e-10`` sits far above float64 rounding of the merged updates (~1e-16 relative) and far
+    below float32 storage of the written factors (~1e-7), so what it drops is rounding, not update."""
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    return int((S > rtol * S[0]).sum())
+
+
+def factorise_exact(delta: Tensor) -> tuple[Tensor, Tensor, float, int]:
+    """Factors of ``delta`` at its exact (numerical) rank, at least 1: ``(A, B, rel_error, rank)``.
+
+    A full-rank update (TIES, DARE) gets rank ``min(out, in)``: still exactly ``B @ A``."""
+    if delta.ndim != 2:
+        raise ValueError(f"factorise_exact needs a 2-D delta, got shape {tuple(delta.shape)}")
+    S = torch.linalg.svdvals(delta.to(torch.float64))
+    rank = max(1, exact_rank(S))
+    A, B, err = refactorise(delta, rank)
+    return A, B, err, rank
+
+
 def write_adapter(out_dir: str | Path, modules: dict[str, tuple[Tensor, Tensor]], *,
-                  base_model_name_or_path: str | None, rank: int, template_config: dict[str, Any],
+                  base_model_name_or_path: str | None, rank: int | dict[str, int], template_config: dict[str, Any],
                   dtype: torch.dtype = torch.float32) -> Path:
     """Write a PEFT-loadable LoRA adapter whose update per module is exactly ``B @ A``.
 
@@ -260,8 +283,11 @@ def write_adapter(out_dir: str | Path, modules: dict[str, tuple[Tensor, Tensor]]
     ``refactorise`` returns). The config is ``template_config`` (e.g. the utility adapter's) with
     ``r = lora_alpha = rank`` (so PEFT's scale is 1), ``use_rslora``/DoRA off, no rank/alpha
     patterns and ``target_modules`` = the exact module names written (no layer filters), so PEFT
-    wraps precisely these modules. Weights are written first, the config last; make ``out_dir``
-    the temporary folder of ``sst_lab.io.atomic_dir`` to get an all-or-nothing output.
+    wraps precisely these modules. ``rank`` may be a dict of per-module ranks (an exact merge whose
+    modules have different exact ranks): then ``r = lora_alpha`` is the largest and every other
+    module gets its own escaped ``rank_pattern`` / ``alpha_pattern`` entry (scale 1 everywhere).
+    Weights are written first, the config last; make ``out_dir`` the temporary folder of
+    ``sst_lab.io.atomic_dir`` to get an all-or-nothing output.
     """
     from safetensors.torch import save_file
 
@@ -270,19 +296,26 @@ def write_adapter(out_dir: str | Path, modules: dict[str, tuple[Tensor, Tensor]]
         raise FileExistsError(f"{out_dir} already holds an adapter; never overwritten")
     if not modules:
         raise ValueError("write_adapter: no modules to write")
+    ranks = dict(rank) if isinstance(rank, dict) else dict.fromkeys(modules, rank)
+    if set(ranks) != set(modules):
+        raise ValueError(f"write_adapter: ranks given for {sorted(set(ranks) ^ set(modules))[:5]} do not match "
+                         "the modules written")
+    top = max(ranks.values())
+    pattern = {re.escape(n): r for n, r in sorted(ranks.items()) if r != top}
     tensors = {}
     for name, (A, B) in modules.items():
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != rank or B.shape[1] != rank:
+        r = ranks[name]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
             raise ValueError(f"write_adapter: module {name!r} has A{tuple(A.shape)} B{tuple(B.shape)}, "
-                             f"expected A [{rank}, in] and B [out, {rank}]")
+                             f"expected A [{r}, in] and B [out, {r}]")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"write_adapter: module {name!r} has non-finite factors")
         tensors[f"{KEY_PREFIX}{name}{_A_SUFFIX}"] = A.detach().to(dtype).contiguous()
         tensors[f"{KEY_PREFIX}{name}{_B_SUFFIX}"] = B.detach().to(dtype).contiguous()
     config = dict(template_config)
     config.update(
-        peft_type="LORA", r=rank, lora_alpha=rank, use_rslora=False, use_dora=False, rank_pattern={},
-        alpha_pattern={}, target_modules=sorted(modules), layers_to_transform=None, layers_pattern=None,
+        peft_type="LORA", r=top, lora_alpha=top, use_rslora=False, use_dora=False, rank_pattern=pattern,
+        alpha_pattern=dict(pattern), target_modules=sorted(modules), layers_to_transform=None, layers_pattern=None,
         base_model_name_or_path=base_model_name_or_path, inference_mode=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})

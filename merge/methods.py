@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from sst_lab.merge.lora import LoraFactors
-from sst_lab.merge.sst import core_delta, project_core, solve_gevp, update_kept_fraction
+from sst_lab.merge.diagnostics import spectrum_stats, subspace_stability
+from sst_lab.merge.sst import (
+    PROJECTIONS, core_delta, project_core, project_core_euclidean, solve_gevp, update_kept_fraction)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class ModuleInputs:
     safety: LoraFactors
     fisher_s: Tensor | None = None  # safety-data Fisher of the safety core: [r_s^2, r_s^2] (or [r_s^2] diag)
     fisher_u: Tensor | None = None  # utility-data Fisher of the safety core, same shape
+    # (F_s, F_u) from two disjoint halves of the Fisher data (sst: subspace stability), optional
+    fisher_halves: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.utility.shape != self.safety.shape:
@@ -56,6 +60,7 @@ class MethodParams:
     k: int | None = None  # sst, sst_diag: directions / core entries kept, in [0, r_s^2]
     alpha: float = 1.0  # sst, sst_diag: scale of the projected safety update
     eps_rel: float = 1e-3  # sst, sst_diag: damping relative to the mean eigenvalue of F_u
+    projection: str = "euclidean"  # sst: "euclidean" (Frobenius of dW) or "metric" (F_u + eps I, oblique)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # YAML gives lists
@@ -67,6 +72,8 @@ class MethodParams:
             raise ValueError(f"MethodParams.rank must be >= 1, got {self.rank}")
         if self.k is not None and self.k < 0:
             raise ValueError(f"MethodParams.k must be >= 0, got {self.k}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"MethodParams.projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.eps_rel < 0 or not math.isfinite(self.eps_rel):
             raise ValueError(f"MethodParams.eps_rel must be finite and >= 0, got {self.eps_rel}")
         for name in ("alpha", "ties_lambda"):
@@ -81,6 +88,7 @@ class MethodParams:
 class MethodResult:
     delta: Tensor  # merged dW, float64 [out, in]
     stats: dict[str, Any] = field(default_factory=dict)
+    core: Tensor | None = None  # sst, sst_diag: the safety core M' (r x r) before alpha
 
 
 MethodFn = Callable[..., MethodResult]
@@ -274,10 +282,12 @@ def dare_ties(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
     return MethodResult(delta, {"sign_conflict_fraction": conflict})
 
 
-@merge_method("sst", uses=("k", "alpha", "eps_rel"))
+@merge_method("sst", uses=("k", "alpha", "eps_rel", "projection"))
 def sst(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
-    """SST-Merge: ``dW_u + alpha * s B_s unvec(m') A_s`` with ``m'`` the (F_u + eps I)-metric
-    projection of ``vec(I)`` onto the top-k generalized eigenvectors of (F_s, F_u + eps I)."""
+    """SST-Merge: ``dW_u + alpha * s B_s unvec(m') A_s`` with ``m'`` the projection of ``vec(I)`` onto
+    the top-k generalized eigenvectors of (F_s, F_u + eps I): in the (F_u + eps I) metric
+    (``projection = "metric"``) or in the Frobenius norm of the update (``"euclidean"``). Stats carry
+    the diagnostics of ``merge.diagnostics`` (and subspace stability when ``fisher_halves`` is given)."""
     F_s, F_u = _fisher_pair(module, "sst")
     r = module.safety.rank
     if F_s.shape != (r * r, r * r) or F_u.shape != (r * r, r * r):
@@ -285,12 +295,23 @@ def sst(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
                          f"F_s {tuple(F_s.shape)}, F_u {tuple(F_u.shape)}")
     k = _need_k(params, r, "sst")
     gevp = solve_gevp(F_s, F_u, params.eps_rel, module=module.name)
-    M, metric_kept = project_core(gevp, k, r)
+    if params.projection == "metric":
+        M, metric_kept = project_core(gevp, k, r)
+    else:
+        M, _ = project_core_euclidean(gevp, k, module.safety)
+        m_proj = M.reshape(-1)  # its fraction in the F_u metric (may exceed 1 here), for comparison
+        P = F_u.to(torch.float64) + gevp.eps * torch.eye(r * r, dtype=torch.float64)
+        metric_kept = (float(m_proj @ P @ m_proj) / gevp.m_metric_norm2) ** 0.5 if gevp.m_metric_norm2 > 0 else 0.0
     delta = module.utility.delta(torch.float64) + params.alpha * core_delta(module.safety, M)
-    return MethodResult(delta, {
-        "k": k, "eps": gevp.eps, "eigenvalues": gevp.eigenvalues.tolist(),
-        "kept_fraction": update_kept_fraction(module.safety, M), "metric_kept_fraction": metric_kept,
-    })
+    stats = {"k": k, "eps": gevp.eps, "eigenvalues": gevp.eigenvalues.tolist(),
+             "kept_fraction": update_kept_fraction(module.safety, M), "metric_kept_fraction": metric_kept,
+             **spectrum_stats(gevp, F_s, F_u, k, M, params.alpha)}
+    if module.fisher_halves is not None:
+        (s_a, u_a), (s_b, u_b) = module.fisher_halves
+        V_a = solve_gevp(s_a, u_a, params.eps_rel, module=module.name + " (half a)").V
+        V_b = solve_gevp(s_b, u_b, params.eps_rel, module=module.name + " (half b)").V
+        stats.update(subspace_stability(V_a, V_b, k))
+    return MethodResult(delta, stats, core=M)
 
 
 @merge_method("sst_diag", uses=("k", "alpha", "eps_rel"))
@@ -323,4 +344,4 @@ def sst_diag(module: ModuleInputs, *, params: MethodParams) -> MethodResult:
         "k": k, "eps": eps, "top_ratios": torch.sort(ratio, descending=True).values[:8].tolist(),
         "kept_fraction": update_kept_fraction(module.safety, M),
         "diagonal_entries_kept": int(mask.reshape(r, r).diagonal().sum()),
-    })
+    }, core=M)

@@ -2,9 +2,11 @@
 
 Order of work (mergekit's "plan, check, execute, commit"): resolve both adapters (paths or train
 run ids), read them, pair modules by name and check compatibility *before* any tensor is touched;
-then compute Fisher blocks when the method needs them, merge module by module through the method
-registry, re-factorise each merged dW to a LoRA of a stated rank (relative error logged), check
-the result differs from the base and from each input, and write the merged adapter atomically.
+then compute Fisher blocks when the method needs them (curvature and point chosen, two halves for
+stability, held-out examples for fidelity), merge module by module through the method registry,
+factorise each merged dW exactly (or at a requested rank, refused above ``TRUNCATION_TOLERANCE``
+unless allowed), measure the SST step's held-out loss change, check the result differs from the
+base and from each input, and write the merged adapter atomically.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,18 @@ from sst_lab.config import ConfigError
 from sst_lab.data import load_training_records, training_items
 from sst_lab.adapters import ITEMS_FILE, check_adapter_folder, describe
 from sst_lab.io import atomic_dir, is_complete, write_json_atomic
-from sst_lab.merge.lora import (AdapterWeights, MergePlan, plan_merge, read_adapter, refactorise, write_adapter,
-                                zero_factors)
+from sst_lab.merge.lora import (AdapterWeights, MergePlan, factorise_exact, plan_merge, read_adapter, refactorise,
+                                write_adapter, zero_factors)
 from sst_lab.merge.methods import MethodParams, ModuleInputs, available_methods, get_method, run_method
+from sst_lab.merge.fisher import CURVATURES
 from sst_lab.merge.sst import global_k_budget, solve_gevp
 from sst_lab.models import ModelError, check_adapter_base, local_model_dir, resolve_model_path, write_base_record
 from sst_lab.tracking.lineage import Upstream, resolve
 
 FISHER_METHODS = ("sst", "sst_diag")
+FISHER_POINTS = ("merged", "own")
+KEPT_FRACTION_WARNING = "kept_fraction_above_1"  # tag set when a module keeps more than its safety update
+TRUNCATION_TOLERANCE = 1e-4  # relative Frobenius error above which an output_rank truncation is refused
 
 
 @dataclass
@@ -64,8 +70,26 @@ class MergeArguments:
     fisher_batch_size: int = field(default=16, metadata={"help": "Examples per forward/backward."})
     max_length: int = field(default=512, metadata={"help": "Token limit of a Fisher example."})
     fisher_dtype: str = field(default="float32", metadata={"help": "Model dtype for the Fisher pass."})
+    curvature: str = field(default="sampled", metadata={
+        "help": "sst/sst_diag: 'sampled' Fisher (labels drawn from the model, seeded: a Monte Carlo Gauss-Newton; "
+                "default, measured closer to the real loss change) or 'empirical' Fisher (data labels). See "
+                "merge/README.md."})
+    fisher_point: str = field(default="merged", metadata={
+        "help": "sst/sst_diag: where the Fishers are taken: 'merged' (base + utility + safety) or 'own' (safety "
+                "data at base + safety, utility data at base + utility, safety core at 0)."})
+    projection: str | None = field(default=None, metadata={
+        "help": "sst: 'euclidean' (Frobenius of the update: a piece of it, the default) or 'metric' (F_u + eps I, "
+                "oblique: can keep more than the update)."})
+    fisher_heldout_n: int = field(default=32, metadata={
+        "help": "sst/sst_diag: examples per Fisher data set held out (never in the Fisher) to measure the loss "
+                "change the curvature predicts."})
     output_rank: int | None = field(default=None, metadata={
-        "help": "Rank of the merged LoRA; default r_utility + r_safety (exact for linear/cat/sst)."})
+        "help": "Rank of the merged LoRA. Default: exact, each module at the exact rank of its merged dW "
+                "(r_u + r_s for linear/cat/sst, up to min(out, in) for ties/dare_*). A given rank that loses "
+                f"more than {TRUNCATION_TOLERANCE:g} of a module's update (relative Frobenius) fails the run "
+                "unless allow_truncation."})
+    allow_truncation: bool = field(default=False, metadata={
+        "help": "Accept an output_rank that truncates the merged update (the error is logged per module)."})
     save_full_model: bool = field(default=False, metadata={
         "help": "Also write base + merged adapter folded into one full model (output_dir/full_model)."})
     allow_identical_to_input: bool = field(default=False, metadata={
@@ -85,18 +109,26 @@ class MergeArguments:
             raise ConfigError("give k (per module) or k_global (global budget), not both")
         if self.k_global is not None and self.method != "sst":
             raise ConfigError(f"k_global is an sst option; method is {self.method!r}")
-        if self.fisher_n <= 0 or self.fisher_batch_size <= 0:
-            raise ConfigError("fisher_n and fisher_batch_size must be positive")
+        if self.fisher_n <= 0 or self.fisher_batch_size <= 0 or self.fisher_heldout_n <= 0:
+            raise ConfigError("fisher_n, fisher_batch_size and fisher_heldout_n must be positive")
         if self.alpha is not None and not self.alpha >= 0:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}: a negative alpha subtracts the (projected) "
                               "safety update, i.e. merges an anti-safety adapter")
         if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.fisher_point not in FISHER_POINTS:
+            raise ConfigError(f"fisher_point must be one of {FISHER_POINTS}, got {self.fisher_point!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.method not in FISHER_METHODS and any(getattr(self, n) != defaults[n] for n in ("curvature",
+                                                                                            "fisher_point")):
+            raise ConfigError(f"curvature/fisher_point are options of {FISHER_METHODS}; method is {self.method!r}")
 
     def method_params(self, k: int | None = None) -> MethodParams:
         given = {"weights": tuple(self.weights) if self.weights is not None else None, "density": self.density,
                  "ties_lambda": self.ties_lambda, "rank": self.svd_rank, "k": self.k if k is None else k,
-                 "alpha": self.alpha, "eps_rel": self.eps_rel}
+                 "alpha": self.alpha, "eps_rel": self.eps_rel, "projection": self.projection}
         if self.method.startswith("dare"):
             given["seed"] = self.seed
         return MethodParams(**{key: v for key, v in given.items() if v is not None})
@@ -145,12 +177,27 @@ def _where(field_name: str, up: Upstream) -> str:
     return describe(field_name, up.path, up.run_id, up.tags.get("stage"))
 
 
-def _fisher(args: MergeArguments, inputs: Inputs) -> tuple[dict, dict, dict[str, Any], list[dict]]:
-    """F_s and F_u of the safety core at base + utility + safety, on the two Fisher data sets."""
+@dataclass
+class FisherContext:
+    """Fishers of the safety core (full and two halves per side), the model they came from (both
+    adapters loaded) and the held-out batches of each Fisher data set."""
+
+    F_s: dict
+    F_u: dict
+    halves: tuple[tuple[dict, dict], tuple[dict, dict]]
+    model: Any
+    heldout: dict[str, list[dict]]
+    info: dict[str, Any]
+    items: list[dict]
+
+
+def _fisher(args: MergeArguments, inputs: Inputs) -> FisherContext:
+    """F_s and F_u of the safety core on the two Fisher data sets, of the chosen curvature, at the
+    chosen point (``fisher_point``); ``fisher_heldout_n`` examples of each set are held out."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sst_lab.merge.fisher import activate_adapters, fisher_blocks, fisher_diag
+    from sst_lab.merge.fisher import activate_adapters, estimate_fisher
     from sst_lab.merge.fisher_data import make_batches
     from sst_lab.models import load_tokenizer
     from sst_lab.train.lora_sft import resolve_dataset_name
@@ -161,23 +208,66 @@ def _fisher(args: MergeArguments, inputs: Inputs) -> tuple[dict, dict, dict[str,
         model = model.to("cuda")
     model = PeftModel.from_pretrained(model, str(inputs.utility.path), adapter_name="utility")
     model.load_adapter(str(inputs.safety.path), adapter_name="safety")
-    activate_adapters(model, ["utility", "safety"])
     tok = load_tokenizer(path, padding_side="right")
-    fn = fisher_blocks if args.method == "sst" else fisher_diag
-    out, info, items = {}, {}, []
-    for which, name in (("safety", args.fisher_safety_data), ("utility", args.fisher_utility_data)):
+    own = args.fisher_point == "own"
+    # (adapters active, safety core) per side: the merged point, or each adapter at its own point
+    points = {"safety": (["safety"] if own else ["utility", "safety"], 1.0),
+              "utility": (["utility", "safety"], 0.0 if own else 1.0)}
+    est, info, items, heldout = {}, {"fisher_curvature": args.curvature, "fisher_point": args.fisher_point}, [], {}
+    for i, (which, name) in enumerate((("safety", args.fisher_safety_data), ("utility", args.fisher_utility_data))):
         source = resolve_dataset_name(name)
         records = load_training_records(source, fmt=args.fisher_format, sample_size=None, seed=args.seed)
-        if len(records) > args.fisher_n:
-            records = load_training_records(source, fmt=args.fisher_format, sample_size=args.fisher_n, seed=args.seed)
-        batches = make_batches(records, tok, max_length=args.max_length, batch_size=args.fisher_batch_size,
+        total = min(len(records), args.fisher_n + args.fisher_heldout_n)
+        if total - args.fisher_heldout_n < 1:
+            raise ConfigError(f"fisher_{which}_data {source}: {len(records)} examples cannot give fisher_heldout_n = "
+                              f"{args.fisher_heldout_n} held-out examples and a Fisher; lower fisher_heldout_n")
+        if len(records) > total:
+            records = load_training_records(source, fmt=args.fisher_format, sample_size=total, seed=args.seed)
+        fisher_records, held = records[:total - args.fisher_heldout_n], records[total - args.fisher_heldout_n:]
+        batches = make_batches(fisher_records, tok, max_length=args.max_length, batch_size=args.fisher_batch_size,
                                source=source)
+        heldout[which] = make_batches(held, tok, max_length=args.max_length, batch_size=args.fisher_batch_size,
+                                      source=source)
+        adapters, core = points[which]
+        activate_adapters(model, adapters)
         t0 = time.perf_counter()
-        out[which] = {k: v.cpu() for k, v in fn(model, batches, "safety").items()}
+        est[which] = estimate_fisher(model, batches, "safety", curvature=args.curvature, seed=args.seed * 2 + i,
+                                     diag=args.method != "sst", core=core)
         info[f"fisher_{which}_seconds"] = time.perf_counter() - t0
-        info[f"fisher_{which}_n"] = len(records)
-        items += training_items(records)
-    return out["safety"], out["utility"], info, items
+        info[f"fisher_{which}_n"] = len(fisher_records)
+        info[f"fisher_{which}_heldout_n"] = len(held)
+        items += training_items(fisher_records)
+    activate_adapters(model, ["utility", "safety"])
+    s, u = est["safety"], est["utility"]
+    return FisherContext(s.full, u.full, ((s.halves[0], u.halves[0]), (s.halves[1], u.halves[1])), model, heldout,
+                         info, items)
+
+
+def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: float,
+                     report_modules: dict[str, dict]) -> dict[str, float]:
+    """Held-out loss change of the merge step (base + utility + safety -> merged) on each Fisher data
+    set, beside the quadratic model's prediction (sum over modules of ``0.5 delta^T F delta``)."""
+    from sst_lab.merge.diagnostics import fidelity, heldout_loss, restore_safety_b, set_safety_cores
+
+    before = {w: heldout_loss(ctx.model, b) for w, b in ctx.heldout.items()}
+    saved = set_safety_cores(ctx.model, cores, alpha)
+    try:
+        after = {w: heldout_loss(ctx.model, b) for w, b in ctx.heldout.items()}
+    finally:
+        restore_safety_b(ctx.model, saved)
+    out: dict[str, float] = {}
+    for which in ("safety", "utility"):
+        key = f"predicted_{which}_loss_change"
+        if not all(key in m for m in report_modules.values()):
+            continue
+        predicted = sum(m[key] for m in report_modules.values())
+        measured = after[which] - before[which]
+        out.update({f"fidelity/{which}_loss_before": before[which], f"fidelity/{which}_loss_after": after[which],
+                    f"fidelity/{which}_measured_change": measured, f"fidelity/{which}_predicted_change": predicted})
+        ratio = fidelity(predicted, measured)
+        if ratio is not None:
+            out[f"fidelity/{which}_ratio"] = ratio
+    return out
 
 
 def base_weight_norms(base_model: str, names: list[str]) -> dict[str, float]:
@@ -219,11 +309,12 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
     rules = plan.rules()
     info: dict[str, Any] = {"n_modules": len(plan.pairs), **{f"n_modules_{r}": len(v) for r, v in rules.items()}}
     check_k(args, plan)
-    F_s = F_u = None
+    F_s = F_u = ctx = None
     fisher_items: list[dict] = []
     if args.method in FISHER_METHODS:
-        F_s, F_u, finfo, fisher_items = _fisher(args, inputs)
-        info.update(finfo)
+        ctx = _fisher(args, inputs)
+        F_s, F_u, fisher_items = ctx.F_s, ctx.F_u, ctx.items
+        info.update(ctx.info)
     per_module_k = None
     if args.k_global is not None:
         eps_rel = args.eps_rel if args.eps_rel is not None else MethodParams().eps_rel
@@ -232,9 +323,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         per_module_k = global_k_budget(spectra, args.k_global)
     norms = base_weight_norms(inputs.base_model, plan.names)
 
-    rank = args.output_rank or (inputs.u.r + inputs.s.r)
     t0 = time.perf_counter()
-    modules, report_modules = {}, {}
+    modules, report_modules, ranks, cores = {}, {}, {}, {}
     for pair in plan.pairs:
         n = pair.name
         fu = inputs.u.modules.get(n) or zero_factors(pair.shape)
@@ -243,15 +333,23 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
             dW_m, stats = fu.delta(), {}  # no safety core here: SST adds alpha * P(0) = 0
         else:
             params = args.method_params(k=None if per_module_k is None else per_module_k.get(n))
+            halves = None if ctx is None or args.method != "sst" else tuple((h[0][n], h[1][n]) for h in ctx.halves)
             result = run_method(args.method, ModuleInputs(n, fu, fs, None if F_s is None else F_s[n],
-                                                          None if F_u is None else F_u[n]), params)
+                                                          None if F_u is None else F_u[n], halves), params)
+            if result.core is not None:
+                cores[n] = result.core
             dW_m, stats = result.delta, _jsonable(result.stats)
         dW_u, dW_s = fu.delta(), fs.delta()
-        A, B, err = refactorise(dW_m, min(rank, *dW_m.shape))
+        if args.output_rank is None:
+            A, B, err, rank_n = factorise_exact(dW_m)
+        else:
+            rank_n = min(args.output_rank, *dW_m.shape)
+            A, B, err = refactorise(dW_m, rank_n)
         modules[n] = (A, B)
+        ranks[n] = rank_n
         if stats.get("eigenvalues"):
             stats["top_eigenvalue"] = stats["eigenvalues"][0]
-        entry = {**stats, "rule": pair.rule, "refactor_rel_error": err,
+        entry = {**stats, "rule": pair.rule, "output_rank": rank_n, "refactor_rel_error": err,
                  "rel_dist_base": float(dW_m.norm()) / norms[n],
                  "rel_dist_utility": _rel(dW_m, dW_u) if pair.rank_utility else None,
                  "rel_dist_safety": _rel(dW_m, dW_s) if pair.rank_safety else None,
@@ -259,8 +357,15 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         report_modules[n] = entry
     info["merge_seconds"] = time.perf_counter() - t0
     _check_distinct(args, report_modules)
+    _check_truncation(args, report_modules)
+    if ctx is not None and args.method == "sst":
+        info.update(measure_fidelity(ctx, cores, args.method_params().alpha, report_modules))
+    warning = _kept_fraction_warning(report_modules)
 
-    report = {"method": args.method, "params": _jsonable(vars(args.method_params())), "output_rank": rank,
+    if warning:
+        info["kept_fraction_warning"] = warning
+    report = {"method": args.method, "params": _jsonable(vars(args.method_params())),
+              "output_rank": args.output_rank or "exact",
               "base_model": inputs.base_model, "modules": report_modules, "module_rules": rules, **info}
     metrics = _metrics(report_modules, info)
     metrics["merge/total_seconds"] = time.perf_counter() - t_start
@@ -270,7 +375,7 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
 
     if run.enabled:
         with atomic_dir(out_dir) as tmp:
-            write_adapter(tmp, modules, base_model_name_or_path=inputs.u.base_model_name_or_path, rank=rank,
+            write_adapter(tmp, modules, base_model_name_or_path=inputs.u.base_model_name_or_path, rank=ranks,
                           template_config=inputs.u.config)
             lineage_items = (_items(inputs.utility.path) + _items(inputs.safety.path) + fisher_items)
             write_json_atomic(tmp / "training_items.json", _dedup(lineage_items))
@@ -284,7 +389,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         run.log_metrics(metrics)
         run.log_artifacts(out_dir, "adapter")
         run.log_json(report, "merge_report.json")
-        run.set_tags({"base_weights_fingerprint": base_record["weights_fingerprint"]})
+        run.set_tags({"base_weights_fingerprint": base_record["weights_fingerprint"],
+                      **({KEPT_FRACTION_WARNING: warning} if warning else {})})
         _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
     return MergeOutcome(out_dir, report, metrics)
 
@@ -343,6 +449,34 @@ def _check_distinct(args: MergeArguments, modules: dict[str, dict]) -> None:
         if all(d is not None and d <= tol for d in dist) and not args.allow_identical_to_input:
             raise RuntimeError(f"merge {args.method}: the merged model equals the {which} input in every module "
                                "(e.g. k=0 or alpha=0); pass allow_identical_to_input to accept that")
+
+
+def _kept_fraction_warning(modules: dict[str, dict]) -> str | None:
+    """A line (printed, and a run tag) when a projection keeps more than the safety update in some
+    module (``kept_fraction > 1``: the F_u-metric projection is oblique; merge/README.md)."""
+    above = {n: m["kept_fraction"] for n, m in modules.items() if m.get("kept_fraction", 0) > 1}
+    if not above:
+        return None
+    worst = max(above, key=above.get)
+    line = (f"kept_fraction > 1 in {len(above)} of {len(modules)} modules (max {above[worst]:.2f} in {worst}): the "
+            "projected safety update is larger than the safety update itself (see merge/README.md)")
+    print(f"WARNING: {line}", flush=True)
+    return line
+
+
+def _check_truncation(args: MergeArguments, modules: dict[str, dict]) -> None:
+    """An ``output_rank`` that drops more than ``TRUNCATION_TOLERANCE`` of any module's update fails
+    the run (naming the modules) unless ``allow_truncation``; the exact default never truncates."""
+    lossy = {n: m["refactor_rel_error"] for n, m in modules.items() if m["refactor_rel_error"] > TRUNCATION_TOLERANCE}
+    if args.output_rank is None and lossy:
+        raise RuntimeError(f"merge {args.method}: exact factorisation lost {max(lossy.values()):.2e} "
+                           f"in {sorted(lossy)[:3]}")
+    if lossy and not args.allow_truncation:
+        worst = sorted(lossy.items(), key=lambda kv: -kv[1])[:5]
+        listed = ", ".join(f"{n}: {e:.3f}" for n, e in worst)
+        raise ValueError(f"output_rank = {args.output_rank} truncates the {args.method} merge in {len(lossy)} of "
+                         f"{len(modules)} modules by more than {TRUNCATION_TOLERANCE:g} (relative Frobenius error; "
+                         f"worst: {listed}); leave output_rank unset for the exact merge or pass allow_truncation")
 
 
 def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> dict[str, float]:

@@ -95,6 +95,42 @@ def project_core(gevp: Gevp, k: int, r: int) -> tuple[Tensor, float]:
     return m_proj.reshape(r, r), kept
 
 
+PROJECTIONS = ("metric", "euclidean")
+
+
+def update_metric(safety: LoraFactors) -> Tensor:
+    """``K`` with ``vec(M)^T K vec(M) = ||s B_s M A_s||_F^2`` (row-major vec): ``s^2 kron(B^T B, A A^T)``."""
+    A, B = safety.A.to(torch.float64), safety.B.to(torch.float64)
+    return safety.scale ** 2 * torch.kron(B.T @ B, A @ A.T)
+
+
+def project_core_euclidean(gevp: Gevp, k: int, safety: LoraFactors) -> tuple[Tensor, float]:
+    """Orthogonal projection of the safety *update* onto ``{s B_s unvec(V_k c) A_s}`` in the Frobenius
+    norm of dW (Euclidean in weight space): ``m' = argmin_{x in span V_k} (x - m)^T K (x - m)``.
+
+    A piece of the update: the kept fraction ``||dW'|| / ||dW_s|| <= 1`` (returned). k = r^2 spans
+    the whole core space, so ``m' = m`` exactly; k = 0 gives 0. Solved by least squares on an
+    orthonormal basis of span(V_k) against ``K^(1/2)`` (eigen-square-root: K may be singular)."""
+    n = gevp.V.shape[0]
+    r = safety.rank
+    if r * r != n:
+        raise ValueError(f"project_core_euclidean: safety rank {r} but the GEVP has size {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"project_core_euclidean: k must be in [0, r^2 = {n}], got {k}")
+    m = torch.eye(r, dtype=torch.float64).reshape(-1)
+    if k == 0:
+        return torch.zeros(r, r, dtype=torch.float64), 0.0
+    w, U = torch.linalg.eigh(update_metric(safety))
+    root = U * w.clamp(min=0).sqrt()  # K = root @ root.T
+    Q = torch.linalg.qr(gevp.V[:, :k]).Q
+    X, y = root.T @ Q, root.T @ m
+    c = torch.linalg.lstsq(X, y[:, None], driver="gelsd").solution[:, 0]
+    m_proj = Q @ c
+    full = float(y @ y)
+    kept = (float((X @ c).square().sum()) / full) ** 0.5 if full > 0 else 0.0
+    return m_proj.reshape(r, r), kept
+
+
 def core_delta(safety: LoraFactors, M: Tensor) -> Tensor:
     """``s * B_s @ M @ A_s`` in float64."""
     A, B = safety.A.to(torch.float64), safety.B.to(torch.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -48,11 +49,11 @@ def merged_sst(trained, store, tmp_path_factory):
                       "--safety_adapter", trained.safety_run, "--method", "sst", "--k", "16", "--alpha", "1.0",
                       "--study", "tests-merge", "--tracking_uri", store, "--output_dir", str(out), "--seed", "1"])
     run_id = proc.stdout.split("run_id: ")[1].split()[0]
-    return run_id, out
+    return run_id, out, proc.stdout
 
 
 def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
-    run_id, out = merged_sst
+    run_id, out, proc_out = merged_sst
     run = mlflow.MlflowClient(tracking_uri=store).get_run(run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
@@ -64,6 +65,15 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     assert m["merge/rel_dist_utility/min"] > 0 and m["merge/rel_dist_base/min"] > 0
     assert m["merge/fisher_safety_n"] > 0 and m["merge/fisher_utility_n"] > 0
     assert run.data.params["merge.k"] == "16" and run.data.params["merge.eps_rel"] == "null"
+    for key in ("fidelity/safety_measured_change", "fidelity/safety_predicted_change", "fidelity/utility_loss_after",
+                "subspace_overlap/mean", "eigengap_at_k/min", "effective_rank_fisher_utility/mean",
+                "core_in_eps_dominated/max", "fisher_safety_heldout_n"):
+        assert math.isfinite(m[f"merge/{key}"]), key
+    assert 0 <= m["merge/subspace_overlap/min"] <= 1 and m["merge/fisher_safety_heldout_n"] == 32
+    # the default Euclidean projection keeps a piece of the safety update: no warning
+    assert m["merge/kept_fraction/max"] <= 1 + 1e-9 and "kept_fraction_above_1" not in tags
+    assert "WARNING: kept_fraction" not in proc_out
+    assert run.data.params["merge.curvature"] == "sampled"
     report = json.loads((out / "merge_report.json").read_text())
     some = next(iter(report["modules"].values()))
     assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
@@ -194,3 +204,52 @@ def test_full_model_export_equals_base_plus_merged_adapter(trained, store, world
         full = AutoModelForCausalLM.from_pretrained(out / "full_model").eval()(ids).logits
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out).eval()(ids).logits
     assert torch.allclose(full, peft, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_sparse_merges_are_written_exactly_and_truncation_is_refused(trained, store, world, tmp_path, method):
+    """TIES/DARE give a full-rank dW: the default writes it at its exact rank (PEFT loads it back as
+    is); an output_rank that truncates it fails naming the modules unless allow_truncation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sst_lab.merge.fisher import lora_layers
+    from sst_lab.merge.methods import MethodParams, ModuleInputs, run_method
+
+    u, s = read_adapter(trained.utility_adapter), read_adapter(trained.safety_adapter)
+    params = MethodParams(density=0.5, **({"seed": 0} if method.startswith("dare") else {}))
+    expected = {n: run_method(method, ModuleInputs(n, u.modules[n], s.modules[n]), params).delta for n in u.modules}
+    out = merge_in_process(trained, store, tmp_path, method, "--density", "0.5")
+    report = json.loads((out / "merge_report.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model), out)
+    for name, layer in lora_layers(model, "default").items():
+        exact = expected[name]
+        assert report["modules"][name]["output_rank"] > u.r + s.r  # full rank, not r_u + r_s
+        assert float((layer.get_delta_weight("default").double() - exact).norm() / exact.norm()) < 1e-5, name
+    with pytest.raises(ValueError, match=r"output_rank = 16 truncates .* allow_truncation"):
+        merge_in_process(trained, store, tmp_path, method, "--density", "0.5", "--output_rank", "16")
+    lossy = merge_in_process(trained, store, tmp_path, method, "--density", "0.5", "--output_rank", "16",
+                             "--allow_truncation", "true")
+    report = json.loads((lossy / "merge_report.json").read_text())
+    errors = [m["refactor_rel_error"] for m in report["modules"].values()]
+    assert min(errors) > 0.1  # the truncation the old default did silently, now logged per module
+
+
+def test_sst_curvature_point_and_projection_options(trained, store, tmp_path):
+    """Non-default options (empirical Fisher at each adapter's own point, F_u-metric projection) are
+    recorded, carry the diagnostics, and the oblique projection's kept fraction > 1 is a tag."""
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "16", "--alpha", "1.0", "--curvature", "empirical",
+                           "--fisher_point", "own", "--projection", "metric", study="tests-merge-options")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["fisher_curvature"] == "empirical" and report["fisher_point"] == "own"
+    assert report["params"]["projection"] == "metric"
+    for m in report["modules"].values():
+        assert 0 <= m["subspace_overlap"] <= 1 and m["predicted_safety_loss_change"] >= 0 and "eigengap_at_k" in m
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.search_runs([client.get_experiment_by_name("tests-merge-options").experiment_id])[0]
+    assert run.data.params["merge.curvature"] == "empirical" and run.data.params["merge.fisher_point"] == "own"
+    above = max(m["kept_fraction"] for m in report["modules"].values()) > 1
+    assert ("kept_fraction_above_1" in run.data.tags) == above == ("kept_fraction_warning" in report)
+    assert math.isfinite(run.data.metrics["merge/fidelity/utility_measured_change"])
+    with pytest.raises(ConfigError, match="curvature"):
+        merge_in_process(trained, store, tmp_path, "linear", "--curvature", "empirical")
