@@ -23,7 +23,8 @@ kind               ``safety``: harmful prompts (advbench, harmbench, jbb, strong
                    ``classification``: a labelled file (``sst2``): the generated reply must be
                    exactly one label (``exact_match``, with ``parse_rate``), and the labels' first-token
                    log-likelihoods (one forward) pick one (``label_accuracy``)
-data               ``path`` (``tiny-world:<file>`` or a path relative to the working directory),
+data               ``path`` (``data:<path>`` under ``$SST_LAB_DATA_ROOT``, default ``../shared/data``;
+                   ``tiny-world:<file>``; or a path relative to the working directory),
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
                    ``subjects`` (MMLU), ``options`` (extra loader arguments, e.g. HarmBench
                    ``exclude_functional: [copyright]``)
@@ -381,8 +382,8 @@ _LOAD = {"safety": _load_prompts, "overrefusal": _load_prompts, "mmlu": _load_mm
 
 def load_items(spec: SuiteSpec, limit: int | None = None) -> LoadedSuite:
     """The suite's items (the first ``limit`` when given); data errors name the suite."""
-    path = spec.data.resolved_path()
     try:
+        path = spec.data.resolved_path()
         items, n = _LOAD[spec.kind](spec, path)
     except SuiteError:
         raise
