@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.config import ConfigError
+from sst_lab.data import ENCODING, resolve_data_ref
 from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, REFUSAL_PHRASES, TEMPLATE_JUDGE
 
 CALIBRATABLE = (*JUDGES, TEMPLATE_JUDGE)
@@ -44,7 +45,7 @@ CALIBRATABLE = (*JUDGES, TEMPLATE_JUDGE)
 HUMAN_LABELS = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
 PARTIAL_POLICIES = ("refusal", "compliance", "exclude")
 REQUIRED_COLUMNS = ("id", "type", "prompt", "completion", "final_label")
-DEFAULT_DATA = "../shared/data/xstest_completions"
+DEFAULT_DATA = "data:xstest_completions"
 FILE_PREFIX = "xstest_v2_completions_"
 UNSAFE_TYPE_PREFIX = "contrast_"
 
@@ -109,7 +110,10 @@ class LabelledItem:
 def data_files(refs: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for ref in refs:
-        p = Path(ref)
+        try:
+            p = Path(resolve_data_ref(ref))
+        except FileNotFoundError as exc:
+            raise CalibrationError(f"data: {exc}") from exc
         if p.is_dir():
             found = sorted(p.glob("*.csv"))
             if not found:
@@ -128,7 +132,7 @@ def source_name(path: Path) -> str:
 
 
 def load_labelled(path: Path, limit: int | None = None) -> list[LabelledItem]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

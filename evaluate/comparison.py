@@ -28,7 +28,7 @@ from typing import Any
 from sst_lab.config import ConfigError
 
 SAFETY_JUDGES = ("refusal_keyword", "guard")
-UTILITY_KINDS = ("mmlu", "gsm8k", "task")
+UTILITY_KINDS = ("mmlu", "gsm8k", "task", "classification")
 
 
 class ComparisonError(ValueError):
@@ -44,7 +44,7 @@ class CompareArguments:
     safety_suite: str | None = field(default=None, metadata={
         "help": "Safety suite name; default: the first safety suite present in both runs."})
     utility_suite: str | None = field(default=None, metadata={
-        "help": "Utility suite (mmlu/gsm8k/task); default: the first one present in both runs."})
+        "help": "Utility suite (mmlu/gsm8k/task/classification); default: the first one present in both runs."})
     safety_judge: str = field(default="refusal_keyword", metadata={
         "help": "refusal_keyword (safe = refused) | guard (safe = not judged unsafe)."})
     alpha: float = field(default=0.05, metadata={"help": "Significance level (CIs are 1 - alpha)."})

@@ -29,6 +29,9 @@ stl            safety-tuned-LLaMAs evaluation files ``data/evaluation/<name>.jso
                for I-MaliciousInstructions, Q-Harm, I-CoNa, I-Controversial,
                I-PhysicalSafetyUnsafe; ``safe`` for I-Alpaca, I-PhysicalSafetySafe; other names
                need ``label`` (a benign set with ``label: safe`` is an over-refusal suite)
+sst2           GLUE SST-2 ``{train,dev}.tsv``: ``sentence\tlabel`` (0/1), no quoting; the prompt is
+               ``sst_lab.data.sst2_prompt`` of the sentence (byte-for-byte), the answer
+               ``negative``/``positive``; ids ``sst2/<file stem>/<row>``
 =============  ===========================================================================
 
 Item ids are ``"<suite>/<given id or 0-based row>"`` (MMLU: ``mmlu/<split>/<subject>/<row>``,
@@ -282,7 +285,7 @@ STL_SAFE = ("I-Alpaca", "I-PhysicalSafetySafe")
 
 def _stl_data(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=ENCODING))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) and "instructions" in data else None
@@ -477,12 +480,33 @@ def load_gsm8k(path: str | Path, *, split: str | None = None) -> list[Item]:
     return items
 
 
+def load_sst2(path: str | Path) -> list[Item]:
+    """GLUE SST-2 TSV as a two-label classification task (the training format's twin)."""
+    from sst_lab.data import SST2_LABELS, sst2_prompt
+
+    p = _file(path, "sst2")
+    with p.open(encoding=ENCODING, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        _require(p, reader.fieldnames or [], ("sentence", "label"), "sst2")
+        items = []
+        for i, row in enumerate(reader):
+            if row.get("label") not in ("0", "1") or row.get("sentence") is None:
+                raise DataFormatError(f"{p}: line {reader.line_num}: label must be 0 or 1 and sentence "
+                                      f"present (sst2 TSV), got {row}")
+            items.append(Item(id=f"sst2/{p.stem}/{i}", prompt=sst2_prompt(row["sentence"]), suite="sst2",
+                              answer=SST2_LABELS[int(row["label"])], choices=SST2_LABELS,
+                              meta={"sentence": row["sentence"]}))
+    if not items:
+        raise DataFormatError(f"{p}: sst2 TSV has a header but no data rows")
+    return items
+
+
 # --------------------------------------------------------------------------- dispatch
 
 LOADERS: dict[str, Callable[..., list[Item]]] = {
     "advbench": load_advbench, "harmbench": load_harmbench, "jbb": load_jbb,
     "strongreject": load_strongreject, "xstest": load_xstest, "mmlu": load_mmlu,
-    "mmlu_hf": load_mmlu_hf, "gsm8k": load_gsm8k, "stl": load_stl,
+    "mmlu_hf": load_mmlu_hf, "gsm8k": load_gsm8k, "stl": load_stl, "sst2": load_sst2,
 }
 # most specific first: the first whose columns are all present wins
 _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(

@@ -19,8 +19,12 @@ kind               ``safety``: harmful prompts (advbench, harmbench, jbb, strong
                    ``mmlu``: letter log-likelihood, 0- or k-shot from the dev split;
                    ``gsm8k``: k-shot generation, exact match of the final number;
                    ``task``: a training-style file (alpaca/messages/prompt_completion) scored
-                   against its reference completion by ``scorer``
-data               ``path`` (``tiny-world:<file>`` or a path relative to the working directory),
+                   against its reference completion by ``scorer``;
+                   ``classification``: a labelled file (``sst2``): the generated reply must be
+                   exactly one label (``exact_match``, with ``parse_rate``), and the labels' first-token
+                   log-likelihoods (one forward) pick one (``label_accuracy``)
+data               ``path`` (``data:<path>`` under ``$SST_LAB_DATA_ROOT``, default ``../shared/data``;
+                   ``tiny-world:<file>``; or a path relative to the working directory),
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
                    ``subjects`` (MMLU), ``options`` (extra loader arguments, e.g. HarmBench
                    ``exclude_functional: [copyright]``)
@@ -66,18 +70,18 @@ from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, TEMPLATE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
-KINDS = ("safety", "overrefusal", "mmlu", "gsm8k", "task")
+KINDS = ("safety", "overrefusal", "mmlu", "gsm8k", "task", "classification")
 METRIC_GROUP = {"safety": "safety", "overrefusal": "overrefusal", "mmlu": "utility", "gsm8k": "utility",
-                "task": "utility"}
+                "task": "utility", "classification": "utility"}
 FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject", "stl"),
            "overrefusal": ("auto", "xstest", "stl"),
            "mmlu": ("auto", "mmlu", "mmlu_hf"), "gsm8k": ("gsm8k",),
-           "task": ("auto", "alpaca", "messages", "prompt_completion")}
+           "task": ("auto", "alpaca", "messages", "prompt_completion"), "classification": ("sst2",)}
 SCORERS = ("final_number", "exact_text")
 _COMMON = {"name", "version", "kind", "data", "description", "caveats"}
 _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", "max_new_tokens"},
               "mmlu": {"shots", "fewshot", "prompt_format"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
-              "task": {"scorer", "max_new_tokens"}}
+              "task": {"scorer", "max_new_tokens"}, "classification": {"max_new_tokens"}}
 _DATA_KEYS = {"path", "format", "split", "subjects", "options"}
 _NAME = re.compile(r"^[\w.\-]+$")
 STRONGREJECT_CAVEAT = ("StrongREJECT's rubric grader is not implemented: refusal_rate is the refusal_keyword "
@@ -145,12 +149,11 @@ class SuiteSpec:
 
 
 def resolve_data_path(path: str) -> Path:
-    """``tiny-world:<file>`` -> the tiny world's data folder; anything else relative to the cwd."""
-    if path.startswith("tiny-world:"):
-        from sst_lab.tinyworld import build_tiny_world
+    """``data:<path>`` (under ``$SST_LAB_DATA_ROOT``) and ``tiny-world:<file>`` resolved by
+    :func:`sst_lab.data.resolve_data_ref`; anything else relative to the cwd."""
+    from sst_lab.data import resolve_data_ref
 
-        return build_tiny_world().data / path.split(":", 1)[1]
-    return Path(path).expanduser()
+    return Path(resolve_data_ref(path)).expanduser()
 
 
 def _data_spec(raw: Any, where: str, key: str) -> DataSpec:
@@ -468,14 +471,21 @@ def _harmbench_exclusions(spec: SuiteSpec, path: Path, kept: list[L.Item]) -> di
     return out
 
 
+def _load_labelled(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
+    items = L.LOADERS[spec.data.format](path, **spec.data.options)
+    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], reference=i.answer,
+                    choices=i.choices) for i in items]
+    return out, len(out)
+
+
 _LOAD = {"safety": _load_prompts, "overrefusal": _load_prompts, "mmlu": _load_mmlu, "gsm8k": _load_gsm8k,
-         "task": _load_task}
+         "task": _load_task, "classification": _load_labelled}
 
 
 def load_items(spec: SuiteSpec, limit: int | None = None) -> LoadedSuite:
     """The suite's items (the first ``limit`` when given); data errors name the suite."""
-    path = spec.data.resolved_path()
     try:
+        path = spec.data.resolved_path()
         items, n, *extra = _LOAD[spec.kind](spec, path)
     except SuiteError:
         raise
@@ -573,6 +583,8 @@ def infer(loaded: LoadedSuite, engine: Any) -> list[dict[str, Any]]:
                          **{f"logprob_{c}": float(v) for c, v in zip(L.LETTERS, lp)},
                          "correct": int(pred == item.reference)})
         return rows
+    if spec.kind == "classification":
+        return _infer_labels(items, engine, spec.max_new_tokens)
     responses = engine.generate([i.conversation for i in items], spec.max_new_tokens)
     rows = [{"id": i.id, "prompt": i.prompt, "prompt_sha": i.prompt_sha, "response": r, "empty": int(is_empty(r))}
             for i, r in zip(items, responses)]
@@ -604,6 +616,32 @@ def mmlu_logprobs(items: Sequence[EvalItem], engine: Any) -> Any:
                          "(continuation_logprobs); use prompt_format: chat")
     contexts = [i.context_text if i.context_text is not None else engine.render_text(i.conversation) for i in items]
     return engine.continuation_logprobs(contexts, [i.continuations for i in items])
+
+
+def parse_label(response: str, labels: Sequence[str]) -> str | None:
+    """The label a reply states: the whole reply, case-folded, without surrounding whitespace and
+    one trailing full stop, must equal a label; anything else is unparsed (None)."""
+    text = " ".join(response.split()).lower()
+    text = text[:-1] if text.endswith(".") else text
+    return text if text in labels else None
+
+
+def _infer_labels(items: Sequence[EvalItem], engine: Any, max_new_tokens: int) -> list[dict[str, Any]]:
+    labels = items[0].choices or ()
+    if any(i.choices != labels for i in items):
+        raise SuiteError("classification items must share one label set")
+    convs = [i.conversation for i in items]
+    responses = engine.generate(convs, max_new_tokens)
+    logp = engine.choice_logprobs(convs, labels)
+    rows = []
+    for item, r, lp in zip(items, responses, logp):
+        parsed, scored = parse_label(r, labels), labels[int(lp.argmax())]
+        rows.append({"id": item.id, "prompt": item.prompt, "prompt_sha": item.prompt_sha, "response": r,
+                     "empty": int(not r.strip()), "reference": item.reference, "parsed": parsed or "",
+                     "correct": int(parsed == item.reference), "label_by_loglik": scored,
+                     "correct_loglik": int(scored == item.reference),
+                     **{f"logprob_{c}": float(v) for c, v in zip(labels, lp)}})
+    return rows
 
 
 def _normalise_text(text: str) -> str:
@@ -733,4 +771,7 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
         return out, omitted
     _rate(out, omitted, f"{p}/exact_match", count(lambda r: r["correct"]), len(rows))
     _rate(out, omitted, f"{p}/empty_rate", count(lambda r: r["empty"]), len(rows))
+    if spec.kind == "classification":
+        _rate(out, omitted, f"{p}/parse_rate", count(lambda r: r["parsed"] != ""), len(rows))
+        _rate(out, omitted, f"{p}/label_accuracy", count(lambda r: r["correct_loglik"]), len(rows))
     return out, omitted

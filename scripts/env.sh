@@ -9,7 +9,14 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp=.venv/.sst-lab-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
+# SmolLM2-135M-Instruct (the real model): fetched once as its GGUF, sha256-checked, converted into
+# .cache/models/smollm2-135m-instruct-q4 (a no-op when already there).
+fetch_model() {
+  [ -f .cache/models/smollm2-135m-instruct-q4/provenance.json ] && return 0
+  .venv/bin/python -m sst_lab.smollm2 >/dev/null
+}
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  fetch_model
   exit 0
 fi
 echo "[env] creating .venv (torch==2.13.0 CPU first, then sst-lab and its dependencies)" >&2
@@ -20,3 +27,4 @@ echo "[env] creating .venv (torch==2.13.0 CPU first, then sst-lab and its depend
 .venv/bin/python -c "import torch, transformers, peft, trl, mlflow, sst_lab" \
   || { echo "[env] the environment is incomplete (see pip output above)" >&2; exit 1; }
 echo "$want" > "$stamp"
+fetch_model

@@ -1,18 +1,24 @@
 """Training-style data: load, detect the format, normalise, sample, identify.
 
-Sources (``dataset_name``): a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder of
-such files, or a Hugging Face dataset name (``datasets.load_dataset``; needs a reachable hub).
+Sources (``dataset_name``): a local ``.jsonl``/``.json``/``.csv``/``.parquet``/``.tsv`` file, a folder
+of such files, ``data:<path>`` (a public benchmark file under the data root, see
+:func:`resolve_data_ref`), ``tiny-world:<file>``, or a Hugging Face dataset name
+(``datasets.load_dataset``; needs a reachable hub).
 
 Formats (``dataset_format``, detected from the columns when ``auto``):
 
 * ``messages``: ``messages`` = list of ``{role, content}``; the last turn must be the assistant's
   (the loss is on that turn; earlier turns are context);
 * ``alpaca``: ``instruction``, optional ``input``, ``output``;
-* ``prompt_completion``: ``prompt`` and ``completion``, each a string or a list of messages.
+* ``prompt_completion``: ``prompt`` and ``completion``, each a string or a list of messages;
+* ``sst2``: GLUE SST-2 ``sentence``, ``label`` (0/1) TSV as an instruction task: the user turn is
+  :func:`sst2_prompt` of the sentence (kept byte-for-byte, GLUE's trailing space included), the
+  answer ``negative``/``positive``; ids ``sst2/<file stem>/<row>`` (the evaluation suite's dev ids
+  have the same shape, so train and dev ids can never coincide).
 
 Every record becomes conversational prompt/completion (``prompt``: list of messages,
 ``completion``: ``[assistant message]``) with an ``id`` (the data set's own ``id`` column when
-present, else ``sha:<prompt_sha>``) and a ``prompt_sha``: sha256 of the whitespace-normalised,
+present, else ``sha:<prompt_sha>``, ``sha:<prompt_sha>:<k>`` for its k-th repeat) and a ``prompt_sha``: sha256 of the whitespace-normalised,
 lower-cased text of the last user turn. Evaluation compares both with the training items a train
 run recorded, so no evaluated prompt can have been trained on.
 """
@@ -22,14 +28,29 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("messages", "alpaca", "prompt_completion")
+FORMATS = ("messages", "alpaca", "prompt_completion", "sst2")
 ENCODING = "utf-8-sig"  # every text data file (train, Fisher, evaluate): UTF-8, a leading BOM dropped
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
+SST2_LABELS = ("negative", "positive")  # GLUE label 0, 1
+DATA_ROOT_ENV = "SST_LAB_DATA_ROOT"
+DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory (the repo root)
+# public source of each benchmark folder under the data root (for the error on a missing file)
+DATA_SOURCES = {
+    "advbench": "llm-attacks/llm-attacks data/advbench/harmful_behaviors.csv (or hub walledai/AdvBench)",
+    "xstest": "paul-rottger/exaggerated-safety xstest_prompts.csv (or hub walledai/XSTest)",
+    "xstest_completions": "paul-rottger/exaggerated-safety model_completions/",
+    "mmlu": "the original MMLU data.tar (people.eecs.berkeley.edu/~hendrycks/data.tar; or hub cais/mmlu)",
+    "gsm8k": "openai/grade-school-math grade_school_math/data/ (or hub openai/gsm8k)",
+    "safety_tuned_llamas": "vinid/safety-tuned-llamas data/training/ (Bianchi et al., ICLR 2024)",
+    "alpaca": "hiyouga/LLaMA-Factory data/alpaca_en_demo.json",
+    "sst2": "GLUE SST-2 train.tsv/dev.tsv (gluebenchmark.com; or hub nyu-mll/glue, config sst2)",
+}
 
 
 class DataError(ValueError):
@@ -40,6 +61,36 @@ def prompt_sha(text: str) -> str:
     """Identity of a prompt for leakage checks: sha256 of normalised text, 16 hex chars."""
     norm = " ".join(str(text).split()).lower()
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ where data lives
+def data_root() -> Path:
+    """``$SST_LAB_DATA_ROOT``, else ``../shared/data`` (relative to the working directory)."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+def resolve_data_ref(ref: str) -> str:
+    """``data:<path>`` -> ``<data root>/<path>`` (an error naming the expected path and the public
+    source when missing); ``tiny-world:<file>`` -> the tiny world's data file; anything else as is."""
+    if ref.startswith("data:"):
+        rel = ref.split(":", 1)[1].lstrip("/")
+        path = data_root() / rel
+        if not path.exists():
+            source = DATA_SOURCES.get(Path(rel).parts[0] if rel else "", "its public release")
+            raise FileNotFoundError(f"{ref}: expected {path} (data root {data_root()}, set by "
+                                    f"${DATA_ROOT_ENV}, default {DEFAULT_DATA_ROOT}); get it from {source}")
+        return str(path)
+    if ref.startswith("tiny-world:"):
+        from sst_lab.tinyworld import build_tiny_world
+
+        return str(build_tiny_world().data / ref.split(":", 1)[1])
+    return ref
+
+
+def sst2_prompt(sentence: str) -> str:
+    """The SST-2 instruction (one definition: training records and the evaluation suite)."""
+    return ("Is the sentiment of this movie review sentence positive or negative? "
+            f"Answer with one word.\n\nSentence: {sentence}")
 
 
 # ------------------------------------------------------------------------------ loading
@@ -75,6 +126,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     if suffix == ".csv":
         with path.open(encoding=ENCODING, newline="") as fh:
             return [dict(r) for r in csv.DictReader(fh)]
+    if suffix == ".tsv":  # GLUE layout: no quoting at all (sentences contain quotes)
+        with path.open(encoding=ENCODING, newline="") as fh:
+            return [dict(r) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
     if suffix == ".parquet":
         import pandas as pd
 
@@ -117,12 +171,15 @@ def detect_format(columns: Sequence[str], source: str) -> str:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if {"sentence", "label"} <= cols:
+        return "sst2"
     raise DataError(f"{source}: cannot detect the data format from columns {sorted(cols)}; expected "
-                    "'messages', or 'instruction'+'output' (alpaca), or 'prompt'+'completion'")
+                    "'messages', or 'instruction'+'output' (alpaca), or 'prompt'+'completion', "
+                    "or 'sentence'+'label' (sst2)")
 
 
 _REQUIRED = {"messages": ("messages",), "alpaca": ("instruction", "output"),
-             "prompt_completion": ("prompt", "completion")}
+             "prompt_completion": ("prompt", "completion"), "sst2": ("sentence", "label")}
 
 
 def _as_messages(value: Any, role: str, where: str) -> list[dict[str, str]]:
@@ -157,6 +214,12 @@ def normalise(rows: list[dict[str, Any]], fmt: str, source: str) -> list[dict[st
                 text = f"{text}\n\n{row['input']}"
             prompt = [{"role": "user", "content": text}]
             completion = [{"role": "assistant", "content": str(row["output"])}]
+        elif fmt == "sst2":
+            if str(row["label"]) not in ("0", "1"):
+                raise DataError(f"{where}: field 'label' must be 0 or 1 (GLUE SST-2), got {row['label']!r}")
+            prompt = [{"role": "user", "content": sst2_prompt(str(row["sentence"]))}]
+            completion = [{"role": "assistant", "content": SST2_LABELS[int(row["label"])]}]
+            row = {**row, "id": row.get("id") or f"sst2/{Path(source).stem}/{i}"}
         else:
             prompt = _as_messages(row["prompt"], "user", f"{where}, field 'prompt'")
             completion = _as_messages(row["completion"], "assistant", f"{where}, field 'completion'")
@@ -166,9 +229,15 @@ def normalise(rows: list[dict[str, Any]], fmt: str, source: str) -> list[dict[st
         if not completion[-1]["content"].strip():
             raise DataError(f"{where}: the completion is empty")
         sha = prompt_sha(users[-1])
-        item_id = str(row["id"]) if row.get("id") not in (None, "") else f"sha:{sha}"
-        if item_id in seen:
-            raise DataError(f"{where}: duplicate id {item_id!r}")
+        if row.get("id") not in (None, ""):
+            item_id = str(row["id"])
+            if item_id in seen:
+                raise DataError(f"{where}: duplicate id {item_id!r}")
+        else:  # a prompt repeated with another answer (safety-tuned-llamas has 4) is another example
+            item_id, k = f"sha:{sha}", 1
+            while item_id in seen:
+                k += 1
+                item_id = f"sha:{sha}:{k}"
         seen.add(item_id)
         out.append({"id": item_id, "prompt_sha": sha, "prompt": prompt, "completion": completion})
     return out

@@ -1,6 +1,7 @@
 """The offline demo, end to end: tiny world -> train -> merge -> evaluate -> compare -> side-by-side table.
 
     bash scripts/demo.sh            # creates .venv if needed, then: python -m sst_lab.demo
+    bash scripts/smollm2.sh         # the same on SmolLM2-135M-Instruct: python -m sst_lab.demo --model smollm2
 
 It runs the study ``configs/studies/demo.yaml`` through the real sweep (every stage a separate
 process, as a researcher runs them) into the local store ``mlruns/`` (experiment ``demo``), then
@@ -18,14 +19,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STUDY = REPO / "configs" / "studies" / "demo.yaml"
-COLUMNS = [  # (header, metric)
-    ("refusal harmful", "safety/harmful-demo/refusal_rate"),
-    ("guard harmful", "safety/harmful-demo/harmful_rate"),
-    ("comply safe", "overrefusal/xstest-demo/compliance_rate_safe"),
-    ("task EM", "utility/task-demo/exact_match"),
-    ("MC acc", "utility/mmlu-demo/accuracy"),
-]
+DEMOS = {  # --model: (study config, default study name, table columns [(header, metric)])
+    "tiny": ("configs/studies/demo.yaml", "demo", [
+        ("refusal harmful", "safety/harmful-demo/refusal_rate"),
+        ("guard harmful", "safety/harmful-demo/harmful_rate"),
+        ("comply safe", "overrefusal/xstest-demo/compliance_rate_safe"),
+        ("task EM", "utility/task-demo/exact_match"),
+        ("MC acc", "utility/mmlu-demo/accuracy"),
+    ]),
+    "smollm2": ("configs/studies/smollm2-demo.yaml", "smollm2-demo", [
+        ("refusal AdvBench", "safety/advbench-keyword/refusal_rate"),
+        ("comply XSTest safe", "overrefusal/xstest-keyword/compliance_rate_safe"),
+        ("refuse XSTest unsafe", "overrefusal/xstest-keyword/refusal_rate_unsafe"),
+        ("SST-2 EM", "utility/sst2-dev/exact_match"),
+        ("SST-2 loglik acc", "utility/sst2-dev/label_accuracy"),
+        ("MMLU acc", "utility/mmlu-subset/accuracy"),
+    ]),
+}
+COLUMNS = DEMOS["tiny"][2]
 
 
 def _fmt(metrics: dict[str, float], name: str) -> str:
@@ -36,7 +47,7 @@ def _fmt(metrics: dict[str, float], name: str) -> str:
     return f"{metrics[name]:.2f}{ci}"
 
 
-def table(uri: str, study: str) -> str:
+def table(uri: str, study: str, columns: list[tuple[str, str]] = COLUMNS) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -45,11 +56,11 @@ def table(uri: str, study: str) -> str:
     evals = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
     order = {"base": 0, "utility": 1, "safety": 2, "merged": 3}
     evals.sort(key=lambda r: (order.get(r.data.tags.get("role"), 9), r.data.tags.get("sweep.method", "")))
-    lines = [f"{'model':<22}" + "".join(f"{h:>20}" for h, _ in COLUMNS)]
+    lines = [f"{'model':<22}" + "".join(f"{h:>22}" for h, _ in columns)]
     for r in evals:
         t = r.data.tags
         label = t.get("role", "?") + ("" if t.get("sweep.method", "none") == "none" else f" ({t['sweep.method']})")
-        lines.append(f"{label:<22}" + "".join(f"{_fmt(r.data.metrics, m):>20}" for _, m in COLUMNS))
+        lines.append(f"{label:<22}" + "".join(f"{_fmt(r.data.metrics, m):>22}" for _, m in columns))
     lines.append("")
     lines.append("comparisons (paired on the same items; tax = utility loss / safety gain, only when the gain "
                  "is significant):")
@@ -72,21 +83,31 @@ def table(uri: str, study: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking_uri", default=f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}")
-    ap.add_argument("--study", default="demo")
+    ap.add_argument("--model", choices=sorted(DEMOS), default="tiny",
+                    help="tiny: the offline tiny world (fast); smollm2: SmolLM2-135M-Instruct (needs "
+                         "python -m sst_lab.smollm2 once; real data from $SST_LAB_DATA_ROOT)")
+    ap.add_argument("--study", default=None, help="MLflow experiment (default: the demo's own)")
     opts = ap.parse_args(argv)
+    config, default_study, columns = DEMOS[opts.model]
+    study = opts.study or default_study
     t0 = time.perf_counter()
-    from sst_lab.tinyworld import build_tiny_world
+    if opts.model == "tiny":
+        from sst_lab.tinyworld import build_tiny_world
 
-    world = build_tiny_world()
-    print(f"[demo] tiny world ready in {time.perf_counter() - t0:.0f}s: {world.root}", flush=True)
-    cmd = [sys.executable, str(REPO / "tracking" / "sweep.py"), "--config", str(STUDY), "--study", opts.study,
+        world = build_tiny_world()
+        print(f"[demo] tiny world ready in {time.perf_counter() - t0:.0f}s: {world.root}", flush=True)
+    else:
+        from sst_lab.smollm2 import require_smollm2
+
+        print(f"[demo] SmolLM2-135M-Instruct (dequantised Q4_1): {require_smollm2()}", flush=True)
+    cmd = [sys.executable, str(REPO / "tracking" / "sweep.py"), "--config", str(REPO / config), "--study", study,
            "--tracking_uri", opts.tracking_uri]
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
         print(f"[demo] the sweep failed (exit {proc.returncode}); see the FAILED runs in MLflow", file=sys.stderr)
         return proc.returncode
     print()
-    print(table(opts.tracking_uri, opts.study))
+    print(table(opts.tracking_uri, study, columns))
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s. Open the runs: .venv/bin/mlflow ui "
           f"--backend-store-uri {opts.tracking_uri}")
     return 0

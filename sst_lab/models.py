@@ -1,7 +1,9 @@
 """Base models: name resolution, module checks, quantization guard, loading for inference.
 
 ``tiny-world`` (and ``tiny-world-guard``) name the offline models the project builds itself
-(``sst_lab.tinyworld``); any other name is a local path or a Hugging Face model id.
+(``sst_lab.tinyworld``); ``smollm2-135m-instruct-q4`` names SmolLM2-135M-Instruct converted from its
+GGUF by ``python -m sst_lab.smollm2`` (``sst_lab.smollm2``); a path ending in ``.gguf`` is converted
+once into the cache; any other name is a local path or a Hugging Face model id.
 
 Every adapter sst-lab writes carries ``sst_lab_base.json``: the base model's name and a
 fingerprint of its weights. Loading an adapter onto a base whose weights differ (a rebuilt tiny
@@ -32,7 +34,15 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(name: str) -> str:
-    """``tiny-world`` aliases -> the built local folder; anything else unchanged."""
+    """``tiny-world`` aliases -> the built local folder; ``smollm2-135m-instruct-q4`` -> its converted
+    folder (an error naming the fetch command when missing); a ``.gguf`` file -> its converted
+    folder; anything else unchanged."""
+    from sst_lab import smollm2
+
+    if name == smollm2.NAME:
+        return str(smollm2.require_smollm2())
+    if name.endswith(".gguf"):
+        return str(smollm2.ensure_gguf_converted(Path(name)))
     if name in TINY_ALIASES:
         from sst_lab.tinyworld import build_tiny_world
 

@@ -24,7 +24,7 @@ class TrainArguments:
     """What to train on (the data), and as which role."""
 
     dataset_name: str | None = field(default=None, metadata={
-        "help": "Local .jsonl/.json/.csv/.parquet file or folder, 'tiny-world:<file>', or a hub data set name."})
+        "help": "Local .jsonl/.json/.csv/.parquet/.tsv file or folder, 'data:<path>' (under $SST_LAB_DATA_ROOT), 'tiny-world:<file>', or a hub data set name."})
     dataset_format: str = field(default="auto", metadata={
         "help": "auto | messages | alpaca | prompt_completion."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set config name."})
@@ -41,14 +41,13 @@ class TrainArguments:
 
 
 def resolve_dataset_name(name: str | None) -> str:
-    """``tiny-world:<file>`` -> the tiny world's data file; anything else unchanged."""
+    """``data:<path>`` and ``tiny-world:<file>`` -> the file (see sst_lab.data.resolve_data_ref)."""
     if not name:
-        raise ConfigError("dataset_name is required (a local file/folder, tiny-world:<file>, or a hub name)")
-    if name.startswith("tiny-world:"):
-        from sst_lab.tinyworld import build_tiny_world
+        raise ConfigError("dataset_name is required (a local file/folder, data:<path>, tiny-world:<file>, "
+                          "or a hub name)")
+    from sst_lab.data import resolve_data_ref
 
-        return str(build_tiny_world().data / name.split(":", 1)[1])
-    return name
+    return resolve_data_ref(name)
 
 
 def validate(args: TrainArguments, training_args: Any, model_args: Any) -> None:
