@@ -33,6 +33,9 @@ fewshot            mmlu: exemplar source (default: the dev split of ``data.path`
                    ``data`` its first ``shots`` items are the exemplars and are not scored.
 scorer             task: ``final_number`` (the last number / ``#### N`` of the response equals
                    that of the reference) or ``exact_text`` (whitespace/case-normalised equality)
+split              validation/test rule (evaluate/splits.py): ``{method: hash, validation_fraction,
+                   seed}`` (default: hash, 0.3, 0; stratified by item stratum) or ``{method: data,
+                   validation: {<data keys>}, test: {<data keys>}}`` (the benchmark's own splits)
 description        free text
 =================  ==========================================================================
 
@@ -58,6 +61,7 @@ import yaml
 from sst_lab.data import prompt_sha
 from sst_lab.evaluate import loaders as L
 from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE
+from sst_lab.evaluate.splits import SplitError, SplitSpec, parse_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
@@ -68,7 +72,7 @@ FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject"), "
            "mmlu": ("auto", "mmlu", "mmlu_hf"), "gsm8k": ("gsm8k",),
            "task": ("auto", "alpaca", "messages", "prompt_completion")}
 SCORERS = ("final_number", "exact_text")
-_COMMON = {"name", "version", "kind", "data", "description"}
+_COMMON = {"name", "version", "kind", "data", "description", "split"}
 _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", "max_new_tokens"},
               "mmlu": {"shots", "fewshot"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
               "task": {"scorer", "max_new_tokens"}}
@@ -107,6 +111,7 @@ class SuiteSpec:
     scorer: str | None = None
     description: str = ""
     source: str = ""  # the YAML file it came from
+    split: SplitSpec = field(default_factory=SplitSpec)  # validation/test rule (evaluate/splits.py)
 
     @property
     def group(self) -> str:
@@ -196,9 +201,13 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     scorer = raw.get("scorer")
     if kind == "task" and scorer not in SCORERS:
         raise SuiteError(f"{where}: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    try:
+        split = parse_split(raw.get("split"), where)
+    except SplitError as exc:
+        raise SuiteError(str(exc)) from None
     return SuiteSpec(name=name, version=version, kind=kind, data=data, judges=judges, max_new_tokens=max_new,
                      shots=shots, fewshot=fewshot, scorer=scorer, description=str(raw.get("description", "")),
-                     source=source)
+                     source=source, split=split)
 
 
 def known_suites() -> list[str]:
@@ -237,6 +246,7 @@ class EvalItem:
     label: str | None = None         # XSTest safe/unsafe, category...
     subject: str | None = None       # MMLU
     choices: tuple[str, ...] | None = None
+    stratum: str | None = None       # split stratification: XSTest prompt type, harmful-prompt category
 
     @property
     def prompt_sha(self) -> str:
@@ -362,7 +372,8 @@ def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int]:
     if fmt not in FORMATS[spec.kind]:
         raise SuiteError(f"suite {spec.name}: {path} is in format {fmt!r}, not one of {FORMATS[spec.kind]}")
     items = L.LOADERS[fmt](path, **spec.data.options)
-    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label) for i in items]
+    out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label,
+                    stratum=i.meta.get("type") or i.label) for i in items]
     return out, len(out)
 
 
