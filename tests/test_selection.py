@@ -257,3 +257,22 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
         assert m["safety/harm/refusal_rate/mean"] == pytest.approx(sum(vals) / 2)
         other = "b" if row["family"] == "a" else "a"
         assert f"paired/{other}/safety/harm/refusal_rate/p_value" in m
+
+
+def test_evaluate_stage_scores_only_its_split_and_records_it(world, store, tmp_path):
+    from sst_lab.evaluate.evaluate import main
+
+    spec = load_suite("xstest-demo")
+    val_ids = {i.id for i in load_split(spec, "validation", None, load_items)[0].items}
+    main(["--config", "configs/evaluate/tiny.yaml", "--suites", "xstest-demo", "--split", "validation",
+          "--preset", "minimal", "--minimal_n", "6", "--study", "tests-split", "--tracking_uri", store,
+          "--output_dir", str(tmp_path / "o")])
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.search_runs([client.get_experiment_by_name("tests-split").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["split"] == "validation"
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="splits/xstest-demo.json",
+                                                tracking_uri=store, dst_path=str(tmp_path / "a"))
+    rec = json.loads(Path(local).read_text())
+    assert len(rec["item_ids"]) == 6 and set(rec["item_ids"]) <= val_ids and rec["rule"]["method"] == "hash"
+    scored = json.loads((tmp_path / "o" / "tables" / "xstest-demo.json").read_text())
+    assert [r["id"] for r in scored] == rec["item_ids"]
