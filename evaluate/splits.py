@@ -15,7 +15,9 @@ item depends only on its id, its stratum's members and the seed: not on file ord
 ``test``; SST-2: validation carved from train, test = GLUE dev). Both splits are loaded and any
 shared item id (or prompt) is an error.
 
-``split=all`` (the evaluate stage's default) scores every item, as before splits existed.
+``split=all`` (the evaluate stage's default) scores every item, as before splits existed. With a
+limit (``preset: minimal``) a validation/test run scores the split's ``limit`` items that come
+first in hash order (a sample across strata), ``all`` the file's first ``limit`` items (as before).
 """
 
 from __future__ import annotations
@@ -155,7 +157,12 @@ def load_split(spec: Any, split: str, limit: int | None, load_items) -> tuple[An
     for it in chosen.items:
         key = str(getattr(it, "stratum", None))
         strata[key] = strata.get(key, 0) + 1
-    if limit is not None:
+    if limit is not None and split != "all":
+        # a sample spread over the whole split (hash order), not the file's first items (which in
+        # XSTest or MMLU would be the first prompt types / subjects only); kept in file order
+        first = {it.id for it in sorted(chosen.items, key=lambda it: _rank(rule.seed, it.id))[:limit]}
+        chosen = replace(chosen, items=[it for it in chosen.items if it.id in first])
+    elif limit is not None:
         chosen = replace(chosen, items=chosen.items[:limit])
     record = SplitRecord(spec.name, split, rule.to_dict(), [it.id for it in chosen.items], n_val, n_test, strata)
     return chosen, record

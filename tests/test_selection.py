@@ -52,8 +52,9 @@ def test_xstest_split_is_disjoint_complete_deterministic_and_stratified_by_type(
     assert hash_assign(shuffled, 0.3, 0) == hash_assign(every.items, 0.3, 0)
     assert hash_assign(every.items, 0.3, 1) != hash_assign(every.items, 0.3, 0)
     # the preset limit takes the first items of the split, never items of the other split
-    small, rec = load_split(spec, "test", 8, load_items)
-    assert len(small.items) == 8 and set(rec.item_ids) <= t
+    small, rec = load_split(spec, "test", 60, load_items)
+    assert len(small.items) == 60 and set(rec.item_ids) <= t
+    assert len({i.stratum for i in small.items}) >= 10  # spread (the first 60 in file order: 3 types) over the prompt types, not the file's first
 
 
 @needs_data
