@@ -16,6 +16,7 @@ from typing import Any
 
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE, TEMPLATE_JUDGE
+from sst_lab.evaluate.splits import SPLITS
 from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, load_suite
 
 PRESETS = ("full", "minimal")
@@ -45,6 +46,8 @@ class EvaluateArguments:
         "help": "Classifier judge model (id or path, e.g. cais/HarmBench-Llama-2-13b-cls); for suites with judge classifier."})
     classifier_template: str | None = field(default=None, metadata={
         "help": "Classifier judge prompt template file ({behavior}, {generation}[, {context}])."})
+    split: str = field(default="all", metadata={
+        "help": "all | validation (choose settings here) | test (report chosen settings); see evaluate/splits.py."})
     preset: str = field(default="full", metadata={"help": "full (all items) | minimal (first minimal_n items)."})
     minimal_n: int = field(default=8, metadata={"help": "Items per suite with preset=minimal."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per batch (generation and letter scoring)."})
@@ -70,6 +73,8 @@ class EvaluateArguments:
             raise ConfigError(f"context_policy must be error or skip, got {self.context_policy!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.role is not None and self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
         for name in ("minimal_n", "batch_size"):
@@ -161,7 +166,7 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
                      "suites": {s.name: _without_source(s.to_dict()) for s in suites}})
     for_id = {**config, "evaluate": {**config["evaluate"],
                                      "adapter": adapter.identity if adapter is not None else None}}
-    tags = {"base_model": base, "role": role, "seed": args.seed, "preset": args.preset,
+    tags = {"base_model": base, "role": role, "seed": args.seed, "preset": args.preset, "split": args.split,
             "sample_size": adapter.tags.get("sample_size", "none") if adapter is not None else "none",
             "upstream_run_ids": ",".join(lineage_ids(adapter)) or "none",
             "adapter_run_id": adapter.run_id if adapter is not None and adapter.run_id else "none",
@@ -278,6 +283,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     from sst_lab.adapters import check_adapter_folder, describe
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, TemplateJudge, preflight_guard
+    from sst_lab.evaluate.splits import load_split
     from sst_lab.evaluate.suites import (apply_classifier, apply_guard, classifier_inputs, excluded_metrics,
                                          fit_context, infer, load_items, suite_metrics)
     from sst_lab.models import ModelError
@@ -294,7 +300,11 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     shards = Shards()
     t0 = time.perf_counter()
     limit = args.minimal_n if args.preset == "minimal" else None
-    loaded = [load_items(spec, limit) for spec in plan.suites]
+    split_records = {}
+    loaded = []
+    for spec in plan.suites:
+        suite, split_records[spec.name] = load_split(spec, args.split, limit, load_items)
+        loaded.append(suite)
     check_training_overlap(loaded, training_records(plan.adapter, tracking_uri, work))
     guarded = [s for s in loaded if GUARD_JUDGE in s.spec.judges]
     if guarded:
@@ -364,6 +374,8 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     out_dir = None
     if run.enabled:
         _log(run, loaded, rows, metrics, omitted)
+        for name, record in split_records.items():
+            run.log_json(record.to_dict(), f"splits/{name}.json")
         out_dir = Path(args.output_dir or Path("outputs") / study / f"{plan.run_name}-{run.run_id[:8]}")
         _write_local(out_dir, loaded, rows, metrics, omitted)
     return Outcome(metrics=metrics, omitted=omitted, rows=rows, output_dir=out_dir)

@@ -40,6 +40,9 @@ fewshot            mmlu: exemplar source (default: the dev split of ``data.path`
                    ``data`` its first ``shots`` items are the exemplars and are not scored.
 scorer             task: ``final_number`` (the last number / ``#### N`` of the response equals
                    that of the reference) or ``exact_text`` (whitespace/case-normalised equality)
+split              validation/test rule (evaluate/splits.py): ``{method: hash, validation_fraction,
+                   seed}`` (default: hash, 0.3, 0; stratified by item stratum) or ``{method: data,
+                   validation: {<data keys>}, test: {<data keys>}}`` (the benchmark's own splits)
 description        free text
 caveats            list of known departures from the benchmark's protocol, logged as the tag
                    ``caveats.<suite>`` (a StrongREJECT suite always carries the missing-grader one)
@@ -67,6 +70,7 @@ import yaml
 from sst_lab.data import prompt_sha
 from sst_lab.evaluate import loaders as L
 from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, TEMPLATE_JUDGE
+from sst_lab.evaluate.splits import SplitError, SplitSpec, parse_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "configs" / "evaluate" / "suites"
@@ -78,7 +82,7 @@ FORMATS = {"safety": ("auto", "advbench", "harmbench", "jbb", "strongreject", "s
            "mmlu": ("auto", "mmlu", "mmlu_hf"), "gsm8k": ("gsm8k",),
            "task": ("auto", "alpaca", "messages", "prompt_completion"), "classification": ("sst2",)}
 SCORERS = ("final_number", "exact_text")
-_COMMON = {"name", "version", "kind", "data", "description", "caveats"}
+_COMMON = {"name", "version", "kind", "data", "description", "caveats", "split"}
 _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", "max_new_tokens"},
               "mmlu": {"shots", "fewshot", "prompt_format"}, "gsm8k": {"shots", "fewshot", "max_new_tokens"},
               "task": {"scorer", "max_new_tokens"}, "classification": {"max_new_tokens"}}
@@ -124,6 +128,7 @@ class SuiteSpec:
     caveats: tuple[str, ...] = ()  # known departures from the benchmark's published protocol (logged as tags)
     prompt_format: str = "chat"    # MMLU: one of MMLU_PROMPT_FORMATS
     source: str = ""  # the YAML file it came from
+    split: SplitSpec = field(default_factory=SplitSpec)  # validation/test rule (evaluate/splits.py)
 
     @property
     def group(self) -> str:
@@ -227,9 +232,13 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
                          f"got {prompt_format!r}")
     if data.format == "strongreject" and STRONGREJECT_CAVEAT not in caveats:
         caveats = [*caveats, STRONGREJECT_CAVEAT]
+    try:
+        split = parse_split(raw.get("split"), where)
+    except SplitError as exc:
+        raise SuiteError(str(exc)) from None
     return SuiteSpec(name=name, version=version, kind=kind, data=data, judges=judges, max_new_tokens=max_new,
                      shots=shots, fewshot=fewshot, scorer=scorer, description=str(raw.get("description", "")),
-                     caveats=tuple(caveats), prompt_format=prompt_format, source=source)
+                     caveats=tuple(caveats), prompt_format=prompt_format, source=source, split=split)
 
 
 def caveat_tags(specs: Sequence[SuiteSpec]) -> dict[str, str]:
@@ -279,6 +288,7 @@ class EvalItem:
     context: str | None = None       # HarmBench contextual: the context string
     context_text: str | None = None  # lm-eval-plain MMLU: the whole context string (no chat template)
     continuations: tuple[str, ...] | None = None  # lm-eval MMLU: the scored continuation of each choice
+    stratum: str | None = None       # split stratification: XSTest prompt type, harmful-prompt category
 
     @property
     def prompt_sha(self) -> str:
@@ -448,7 +458,8 @@ def _load_prompts(spec: SuiteSpec, path: Path) -> tuple[list[EvalItem], int, dic
     out = [EvalItem(id=i.id, prompt=i.prompt, conversation=[_user(i.prompt)], label=i.label,
                     category=i.meta.get("type") if fmt in ("xstest", "stl") else i.label,
                     functional=i.meta.get("functional_category"), behavior=i.meta.get("behavior"),
-                    context=i.meta.get("context") or None) for i in items]
+                    context=i.meta.get("context") or None, stratum=i.meta.get("type") or i.label)
+           for i in items]
     return out, len(out), excluded
 
 

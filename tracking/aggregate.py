@@ -25,10 +25,12 @@ def make_parser():
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     from sst_lab.tracking.aggregation import write_aggregates
+    from sst_lab.tracking.selection_report import write_selected_aggregates
     from sst_lab.tracking.run import TrackingError
 
     try:
         written = write_aggregates(args.study, args.tracking_uri)
+        written += write_selected_aggregates(args.study, args.tracking_uri)  # studies with a selection
     except TrackingError as exc:
         print(f"aggregate: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     from sst_lab.config import ConfigError
     from sst_lab.tracking import reporting
     from sst_lab.tracking.aggregation import DUPLICATE_RULE
+    from sst_lab.tracking.selection_report import selection_section
     from sst_lab.tracking.run import TrackingError, config_id, resolve_tracking_uri, stage_run
 
     chosen = {"safety": args.safety_metric, "overrefusal": args.overrefusal_metric, "utility": args.utility_metric,
@@ -79,7 +80,9 @@ def main(argv=None) -> int:
                    tracking_uri=uri, resume_run_id=olds[0].info.run_id if olds else None) as run:
         with tempfile.TemporaryDirectory(prefix="sst-report-") as work:
             spectra = reporting.merge_spectra(client, exp.experiment_id, Path(work))
-        files = reporting.write_report(data, spectra, out)
+            selection = selection_section(client, exp.experiment_id, Path(work), data.metrics["safety"],
+                                          data.metrics["utility"])
+        files = reporting.write_report(data, spectra, out, selection)
         run.log_artifacts(out, "report")
         run.log_metrics({"report/n_aggregates": len(data.aggs), "report/n_spectra": len(spectra)})
     print(f"run_id: {run.run_id}\nreport: {files['report'].resolve()}")

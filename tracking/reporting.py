@@ -114,6 +114,9 @@ def pick_metrics(aggs: list[Agg], chosen: Mapping[str, str | None]) -> dict[str,
         name = chosen.get(col)
         if not name:
             found = [n for n in names if re.match(pattern, n)]
+            # utility: the task metric (exact_match of the utility adapter's own task) before a
+            # benchmark accuracy (the demo's MMLU sits at chance for every model: a flat axis)
+            found.sort(key=lambda n: (not n.endswith("/exact_match"), n))
             if not found:
                 raise ValueError(f"report: no evaluate metric matches {pattern!r} for the {col} column; "
                                  f"set report.{col}_metric in the study (known: {names[:12]} ...)")
@@ -404,7 +407,7 @@ def render_table(data: ReportData, size: str) -> str:
             f"<tr>{head2}</tr>{''.join(body)}</table>")
 
 
-def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
+def render_html(data: ReportData, images: Mapping[str, bytes], extra: str = "") -> str:
     e = html.escape
     legend = ("Cells: mean ± half-width of the 95% Student-t interval over seeds (number of seeds). "
               f"* on a merged method's safety / over-refusal / utility: paired t-test across seeds against "
@@ -420,14 +423,19 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(data.study)} report</title>"
             f"<style>{style}</style></head><body><h1>Study {e(data.study)}</h1>"
             f"<p>{len(data.aggs)} aggregate runs; models {e(', '.join(data.models))}; methods "
-            f"{e(', '.join(data.methods))}.</p><ul>{metrics}</ul><p>{legend}</p>{tables}{imgs}</body></html>")
+            f"{e(', '.join(data.methods))}.</p><ul>{metrics}</ul><p>{legend}</p>{extra}{tables}{imgs}</body></html>")
 
 
-def write_report(data: ReportData, spectra: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Render everything into ``out_dir`` (created atomically; never overwritten)."""
+def write_report(data: ReportData, spectra: list[dict[str, Any]], out_dir: Path,
+                 selection: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Render everything into ``out_dir`` (created atomically; never overwritten). ``selection``:
+    tracking.selection_report.selection_section (validation frontiers, chosen settings on test)."""
     from sst_lab.io import atomic_dir, write_json_atomic, write_text_atomic
+    from sst_lab.tracking import selection_report
 
     figs = {"pareto": plot_pareto(data), "safety_tax": plot_tax(data), "metrics_vs_sample_size": plot_vs_size(data)}
+    if selection is not None:
+        figs = {"selection_frontiers": selection_report.plot_selection(selection), **figs}
     spec = plot_spectra(spectra)
     if spec is not None:
         figs["sst_eigen_spectra"] = spec
@@ -435,8 +443,10 @@ def write_report(data: ReportData, spectra: list[dict[str, Any]], out_dir: Path)
     with atomic_dir(out_dir) as tmp:
         for name, png in images.items():
             (tmp / f"{name}.png").write_bytes(png)
-        write_text_atomic(tmp / "report.html", render_html(data, images))
+        extra = selection_report.render_section(selection) if selection is not None else ""
+        write_text_atomic(tmp / "report.html", render_html(data, images, extra))
         write_json_atomic(tmp / "report_table.json", {"study": data.study, "metrics": data.metrics,
                                                       "reference_method": data.reference_method,
-                                                      "cells": [vars(c) for c in data.cells]})
+                                                      "cells": [vars(c) for c in data.cells],
+                                                      "selection": selection})
     return {p.stem: p for p in out_dir.iterdir()}

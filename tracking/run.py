@@ -46,7 +46,7 @@ from sst_lab.redact import redact, redact_text, redacting_console
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-STAGES = ("train", "merge", "evaluate", "compare", "aggregate", "report", "calibrate")
+STAGES = ("train", "merge", "evaluate", "select", "compare", "aggregate", "report", "calibrate")
 # Fields that identify *where* or *which repetition*, not *what*: left out of config_id.
 CONFIG_ID_EXCLUDE = {"seed", "data_seed", "output_dir", "logging_dir", "run_name", "tracking_uri",
                      "study", "hub_token", "push_to_hub", "report_to", "overwrite_output_dir",

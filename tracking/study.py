@@ -50,6 +50,7 @@ from sst_lab.config import ConfigError, merge_config_files, read_yaml
 from sst_lab.redact import redact_text
 from sst_lab.tracking.aggregation import DUPLICATE_RULE, run_order
 from sst_lab.tracking.run import REPO_ROOT, RUN_TAGS_ENV, proc_stat, resolve_tracking_uri
+from sst_lab.tracking.selection import SelectionError, SelectionSpec
 
 ROLES_EVAL = ("base", "utility", "safety", "merged")
 RESERVED_ARGS = {"seed", "output_dir", "study", "tracking_uri", "config", "adapter", "utility_adapter",
@@ -69,8 +70,10 @@ STAGE_SPECS = {
     "merge": StageSpec("merge/merge.py", True),
     "evaluate": StageSpec("evaluate/evaluate.py", True),
     "compare": StageSpec("evaluate/compare.py", False),
+    "select": StageSpec("tracking/select.py", False),  # only in studies with a selection section
 }
-PIPELINE = tuple(STAGE_SPECS)
+PIPELINE = ("train", "merge", "evaluate", "compare")  # the stages of every study
+SCHEDULE = {"train": 0, "merge": 1, "evaluate": 2, "select": 3, "compare": 4}  # earlier first when both are ready
 
 
 # ------------------------------------------------------------------------------ study config
@@ -150,6 +153,7 @@ class Study:
     output_root: str = "outputs"
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    selection: SelectionSpec | None = None  # tune each method family on validation, test the choice
     source: str = ""  # the YAML file (set by load_study)
 
     def __post_init__(self):
@@ -203,6 +207,17 @@ class Study:
         labels = [model_label(m) for m in self.models]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"{self.source}: models need distinct names, got {labels}")
+        if self.selection is not None:
+            if self.merge is None or self.evaluate is None or not {"merged", "utility"} <= set(self.evaluate.roles):
+                raise ConfigError(f"{self.source}: selection needs merge and evaluate sections with the merged and "
+                                  "utility roles evaluated")
+            try:
+                self.selection.check([m.name for m in self.merge.methods], self.source)
+            except SelectionError as exc:
+                raise ConfigError(str(exc)) from None
+            if "split" in self.evaluate.args:
+                raise ConfigError(f"{self.source}: evaluate.args sets split; with a selection section the sweep "
+                                  "evaluates candidates on validation and chosen settings on test")
 
     def _all_args(self):
         yield "train.args", self.train.args
@@ -211,6 +226,9 @@ class Study:
                 yield f"{sec}.args", getattr(self, sec).args
         for m in self.merge.methods if self.merge else []:
             yield f"merge.methods[{m.name}].args", m.args
+        if self.selection is not None:
+            yield "selection.validation_args", self.selection.validation_args
+            yield "selection.test_args", self.selection.test_args
         for i, model in enumerate(self.models):
             unknown = set(model.args) - set(PIPELINE)
             if unknown:
@@ -236,7 +254,7 @@ class Study:
 
 _NESTED = {(Study, "models"): ModelSpec, (Study, "train"): TrainSpec, (Study, "merge"): MergeSpec,
            (Study, "evaluate"): EvaluateSpec, (Study, "compare"): CompareSpec, (Study, "slurm"): SlurmSpec,
-           (Study, "report"): ReportSpec, (MergeSpec, "methods"): MethodSpec}
+           (Study, "report"): ReportSpec, (MergeSpec, "methods"): MethodSpec, (Study, "selection"): SelectionSpec}
 
 
 def _build(cls: type, data: Any, where: str, source: str) -> Any:
@@ -323,6 +341,10 @@ def node_key(stage: str, configs: list[str], args: Mapping[str, Any], upstream_k
 
 def expand(study: Study) -> list[Node]:
     """The whole grid, deduplicated, in dependency order."""
+    if study.selection is not None:
+        from sst_lab.tracking.selection_plan import expand_selected
+
+        return expand_selected(study)
     nodes: dict[str, Node] = {}
 
     def add(node: Node) -> str:
@@ -586,8 +608,11 @@ def command(node: Node, upstream_ids: Mapping[str, str], *, output_dir: str, stu
     for f in node.configs:
         cmd += ["--config", f]
     cmd += _render_args(node.args)
+    grouped: dict[str, list[str]] = {}  # "candidates#0", "candidates#1" -> one --candidates id id
     for flag, up in node.upstream.items():
-        cmd += [f"--{flag}", upstream_ids[up]]
+        grouped.setdefault(flag.split("#")[0], []).append(upstream_ids[up])
+    for flag, ids in grouped.items():
+        cmd += [f"--{flag}", *ids]
     cmd += ["--seed", str(node.seed)]
     if spec.output_dir:
         cmd += ["--output_dir", output_dir]
@@ -880,12 +905,12 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
     for step in plan:
         if step.action == "reuse":
             outcomes[step.node.id] = Outcome(step.node.id, "reused", step.run_id)
-            run_ids[step.node.id] = step.run_id
+            run_ids[step.node.id] = output_run_id(store, step.node, step.run_id)
         elif step.action in ("blocked", "elsewhere") and step.node.id not in may_wait:
             outcomes[step.node.id] = Outcome(step.node.id, step.action, error=step.note)
     order = {s.node.id: i for i, s in enumerate(plan)}  # earlier stages first: training unlocks the most work
     pending = sorted((s for s in plan if s.action == "run" or s.node.id in may_wait),
-                     key=lambda s: (PIPELINE.index(s.node.stage), order[s.node.id]))
+                     key=lambda s: (SCHEDULE[s.node.stage], order[s.node.id]))
     children, stop = _Children(), threading.Event()
     interrupted: list[int] = []
     claims = Claims(store, ctx.sweep_id) if pending else None
@@ -962,7 +987,12 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
                     ctx.echo(f"[sweep] {out.status} {out.node}{took}" + (f" run {out.run_id}" if out.run_id else "")
                              + (f"\n{out.error}" if out.status == "failed" else ""))
                     if out.status == "finished":
-                        run_ids[out.node] = out.run_id
+                        try:
+                            run_ids[out.node] = output_run_id(store, step.node, out.run_id)
+                        except ConfigError as exc:
+                            outcomes[out.node] = Outcome(out.node, "failed", out.run_id, out.seconds, out.log, str(exc))
+                            if ctx.on_failure == "stop":
+                                stop.set()
                     elif out.status == "failed" and ctx.on_failure == "stop":
                         stop.set()
     finally:
@@ -976,6 +1006,16 @@ def execute(plan: list[Step], ctx: Context, store: Store) -> list[Outcome]:
     if interrupted:
         raise SweepInterrupted(interrupted[0], [outcomes[s.node.id] for s in plan])
     return [outcomes[s.node.id] for s in plan]
+
+
+def output_run_id(store: Store, node: Node, run_id: str) -> str:
+    """The run id a node hands its dependents: a select run hands on the merge run it chose."""
+    if node.stage != "select":
+        return run_id
+    chosen = store.run_status(run_id)[1].get("select.chosen_merge_run_id")
+    if not chosen:
+        raise ConfigError(f"select run {run_id} ({node.id}) has no select.chosen_merge_run_id tag")
+    return chosen
 
 
 class SweepInterrupted(Exception):

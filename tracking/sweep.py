@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         study = st.load_study(args.config, name=args.study)
         nodes = st.expand(study)
         stages = set(args.stages.split(",")) if args.stages else None
-        if stages and not stages <= set(st.PIPELINE):
-            raise ConfigError(f"--stages: unknown {sorted(stages - set(st.PIPELINE))}; known {st.PIPELINE}")
+        if stages and not stages <= set(st.STAGE_SPECS):
+            raise ConfigError(f"--stages: unknown {sorted(stages - set(st.STAGE_SPECS))}; known {list(st.STAGE_SPECS)}")
         ctx, store = st.prepare(study, tracking_uri=args.tracking_uri, output_root=args.output_root,
                                 workers=args.workers, on_failure=args.on_failure,
                                 create=not (args.dry_run or args.emit_slurm))

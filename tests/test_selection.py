@@ -1,0 +1,279 @@
+"""Validation/test splits, the select stage and the report of chosen settings.
+
+Splits run on the real benchmark files. The selection study runs the real sweep, the real select
+stage and real MLflow records, with fake train/merge/evaluate/compare scripts that start in a
+second and log deterministic numbers (as tests/test_study.py does).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO, SHARED_DATA, stage_env
+from sst_lab.config import ConfigError
+from sst_lab.evaluate.splits import SplitError, hash_assign, load_split
+from sst_lab.evaluate.suites import SuiteError, load_items, load_suite, parse_suite
+from sst_lab.tracking import study as st
+from sst_lab.tracking.selection import SelectionError, choose, Candidate
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "xstest").is_dir(), reason="../shared/data not present")
+
+
+# ------------------------------------------------------------------------------------ splits
+@needs_data
+def test_xstest_split_is_disjoint_complete_deterministic_and_stratified_by_type():
+    spec = load_suite("xstest")
+    val, rv = load_split(spec, "validation", None, load_items)
+    test, rt = load_split(spec, "test", None, load_items)
+    every = load_items(spec)
+    v, t = {i.id for i in val.items}, {i.id for i in test.items}
+    assert not v & t and v | t == {i.id for i in every.items}
+    assert rv.n_validation == len(v) and rv.n_test == len(t) == rt.n_test
+    # stratified: every XSTest prompt type keeps ~30 % of its prompts in validation
+    types = {}
+    for it in every.items:
+        types.setdefault(it.stratum, []).append(it.id in v)
+    assert len(types) > 10  # the published prompt types, not just safe/unsafe
+    for flags in types.values():
+        assert abs(sum(flags) - 0.3 * len(flags)) <= 0.5
+    # the assignment depends on ids only, not on file order; another seed gives another split
+    shuffled = list(every.items)
+    random.Random(1).shuffle(shuffled)
+    assert hash_assign(shuffled, 0.3, 0) == hash_assign(every.items, 0.3, 0)
+    assert hash_assign(every.items, 0.3, 1) != hash_assign(every.items, 0.3, 0)
+    # the preset limit takes the first items of the split, never items of the other split
+    small, rec = load_split(spec, "test", 60, load_items)
+    assert len(small.items) == 60 and set(rec.item_ids) <= t
+    assert len({i.stratum for i in small.items}) >= 10  # spread (the first 60 in file order: 3 types) over the prompt types, not the file's first
+
+
+@needs_data
+def test_mmlu_uses_its_own_val_and_test_and_overlap_is_refused():
+    spec = load_suite("mmlu")
+    spec = replace(spec, data=replace(spec.data, subjects=("astronomy",)))
+    val, rec = load_split(spec, "validation", None, load_items)
+    test, _ = load_split(spec, "test", None, load_items)
+    assert rec.rule["method"] == "data" and rec.n_validation == 16 and rec.n_test == 152
+    assert len(val.items) == 16 and len(test.items) == 152
+    assert not {i.prompt_sha for i in val.items} & {i.prompt_sha for i in test.items}
+    bad = parse_suite({"name": "m", "version": 1, "kind": "mmlu",
+                       "data": {"path": str(SHARED_DATA / "mmlu/data"), "format": "mmlu", "subjects": ["astronomy"]},
+                       "split": {"method": "data", "validation": {"split": "test"}, "test": {"split": "test"}}})
+    with pytest.raises(SplitError, match="validation and test share 152 items"):
+        load_split(bad, "test", None, load_items)
+    with pytest.raises(SuiteError, match="split.validation_fraction"):
+        parse_suite({"name": "x", "version": 1, "kind": "safety", "data": {"path": "a.csv"}, "max_new_tokens": 4,
+                     "split": {"validation_fraction": 1.5}})
+
+
+# ------------------------------------------------------------------------------- the rule
+def test_rule_picks_the_most_safety_within_delta_and_says_when_nothing_qualifies():
+    cands = [Candidate("a", "1", "m1", 0.9, 0.70, 0.60), Candidate("b", "2", "m2", 0.6, 0.79, 0.75),
+             Candidate("c", "3", "m3", 0.5, 0.80, 0.78), Candidate("d", "4", "m4", 0.4, 0.70, 0.6)]
+    chosen, ok = choose(cands, 0.80, "max_safety_within_delta", 0.02)
+    assert (chosen.label, ok) == ("b", True)
+    assert [c.on_frontier for c in cands] == [True, True, True, False]
+    chosen, ok = choose(cands, 0.80, "max_safety_within_delta_ci", 0.02)  # b's lower bound 0.75: loss up to 0.05
+    assert (chosen.label, ok) == ("c", True)
+    chosen, ok = choose(cands, 0.95, "max_safety_within_delta", 0.02)
+    assert (chosen.label, ok) == ("c", False)  # declared fallback: the smallest utility loss, flagged
+
+
+# ------------------------------------------------------------------------- a fake-stage study
+FAKE = textwrap.dedent('''
+    import hashlib, json, os, sys
+    from pathlib import Path
+    import mlflow
+    from sst_lab.tracking.run import stage_run
+
+    stage = Path(sys.argv[0]).stem
+    args, key = {}, None
+    for a in sys.argv[1:]:
+        if a.startswith("--"):
+            key = a[2:]
+            args[key] = []
+        else:
+            args[key].append(a)
+    cfg = {k: " ".join(v) for k, v in args.items()}
+    client = mlflow.MlflowClient()
+    for_id, tags = dict(cfg), {"seed": int(cfg["seed"]), "role": "x"}
+    for flag in ("utility_adapter", "safety_adapter", "adapter", "candidate", "reference"):
+        if flag in cfg:
+            up = client.get_run(cfg[flag])
+            for_id[flag] = "config:" + up.data.tags["config_id"]
+    if stage == "train":
+        tags["role"] = cfg.get("config", "").split("/")[-1].split(".")[0]
+    if stage == "merge":
+        tags.update(role="merged", merge_method=cfg["method"])
+    if stage == "evaluate":
+        up = client.get_run(cfg["adapter"]) if "adapter" in cfg else None
+        tags.update(split=cfg.get("split", "all"), role=up.data.tags["role"] if up else "base",
+                    adapter_run_id=cfg.get("adapter", "none"))
+    with stage_run(stage=stage, study=cfg["study"], config={"fake": cfg}, config_for_id={"fake": for_id},
+                   tags=tags, run_name=stage) as run:
+        h = lambda s: int(hashlib.sha256(f"{s}{run.tags['config_id']}{cfg['seed']}".encode()).hexdigest()[:8], 16) / 16**8
+        if stage == "evaluate":
+            run.log_metrics({"safety/harm/refusal_rate": h("s"), "utility/task/exact_match": 0.9 - 0.2 * h("u"),
+                             "utility/mmlu/accuracy": 0.25})
+        elif stage == "compare":
+            run.log_metrics({"compare/safety_gain": h("g"), "compare/utility_loss": h("l")})
+        elif stage == "train":
+            run.log_metrics({"train/loss": h("loss")})
+    print(f"run_id: {run.run_id}")
+''')
+
+
+def _study(d: Path, name: str, families: dict, budget: int = 2, **extra) -> Path:
+    for stage in st.PIPELINE:
+        (d / f"{stage}.py").write_text(FAKE)
+    (d / "model.yaml").write_text("model_name_or_path: fake-org/fake-model\n")
+    (d / "utility.yaml").write_text("x: 1\n")
+    (d / "safety.yaml").write_text("x: 2\n")
+    methods = [{"name": lab, "method": fam, "args": {"p": i}} for fam, labs in families.items()
+               for i, lab in enumerate(labs)]
+    data = {"name": name, "models": [{"name": "fake", "configs": [str(d / "model.yaml")]}],
+            "sample_sizes": [16], "seeds": [1, 2],
+            "train": {"utility": [str(d / "utility.yaml")], "safety": [str(d / "safety.yaml")],
+                      "accelerate_config": None},
+            "merge": {"methods": methods}, "evaluate": {"roles": ["utility", "merged"]},
+            "selection": {"families": families, "budget": budget, "safety_metric": "safety/harm/refusal_rate",
+                          "utility_metric": "utility/task/exact_match", "delta": 0.05, **extra}}
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unequal_budgets_are_refused_unless_allowed(tmp_path):
+    with pytest.raises(ConfigError, match="budget=2.*allow_unequal_budgets"):
+        st.load_study(_study(tmp_path, "u", {"a": ["a1", "a2"], "b": ["b1"]}))
+    study = st.load_study(_study(tmp_path, "u2", {"a": ["a1", "a2"], "b": ["b1"]}, allow_unequal_budgets=True))
+    assert sum(n.stage == "select" for n in st.expand(study)) == 2 * 2
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sel")
+    path = _study(d, "sel", {"a": ["a1", "a2"], "b": ["b1", "b2"]})
+    uri = f"sqlite:///{d}/mlflow.db"
+    fakes = {s: (str(d / f"{s}.py"), st.STAGE_SPECS[s].output_dir) for s in st.PIPELINE}
+    code = ("import sys; from sst_lab.tracking import study as st; from sst_lab.tracking.sweep import main\n"
+            f"st.STAGE_SPECS.update({{k: st.StageSpec(*v) for k, v in {fakes!r}.items()}})\n"
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--config", str(path), "--tracking_uri", uri,
+                           "--output_root", str(d / "outputs"), "--workers", "2"],
+                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sel").experiment_id], max_results=5000)
+    return {"uri": uri, "client": client, "runs": runs, "dir": d, "path": path}
+
+
+def test_sweep_selects_on_validation_and_tests_only_the_choice(selected):
+    runs, client = selected["runs"], selected["client"]
+    by_id = {r.info.run_id: r for r in runs}
+    sels = [r for r in runs if r.data.tags["stage"] == "select"]
+    assert len(sels) == 2 * 2 and all(r.info.status == "FINISHED" for r in sels)
+    merged_tests = [r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags.get("split") == "test"
+                    and r.data.tags["role"] == "merged"]
+    assert len(merged_tests) == 4  # only the chosen setting of each family and seed reaches the test split
+    for sel in sels:
+        t = sel.data.tags
+        cands = [by_id[i] for i in t["select.candidate_eval_run_ids"].split(",")]
+        assert all(c.data.tags["split"] == "validation" for c in cands) and len(cands) == 2
+        ref = by_id[[u for u in t["upstream_run_ids"].split(",") if u not in t["select.candidate_eval_run_ids"]][0]]
+        assert ref.data.tags["split"] == "validation" and ref.data.tags["role"] == "utility"
+        u_ref = ref.data.metrics["utility/task/exact_match"]
+        ok = [c for c in cands if u_ref - c.data.metrics["utility/task/exact_match"] <= 0.05]
+        expect = max(ok, key=lambda c: c.data.metrics["safety/harm/refusal_rate"]) if ok else \
+            max(cands, key=lambda c: c.data.metrics["utility/task/exact_match"])
+        assert t["select.chosen_eval_run_id"] == expect.info.run_id
+        assert t["select.chosen_merge_run_id"] == expect.data.tags["adapter_run_id"]
+        assert t["select.admissible"] == str(bool(ok)).lower()
+        tests = [r for r in merged_tests if r.data.tags["adapter_run_id"] == t["select.chosen_merge_run_id"]]
+        assert len(tests) == 1 and tests[0].data.tags["sweep.method"] == t["select.family"]
+        local = mlflow.artifacts.download_artifacts(run_id=sel.info.run_id, artifact_path="select/frontier.json",
+                                                    tracking_uri=selected["uri"], dst_path=str(selected["dir"] / sel.info.run_id))
+        rec = json.loads(Path(local).read_text())
+        assert rec["chosen"]["eval_run_id"] == expect.info.run_id and len(rec["candidates"]) == 2
+        assert any(c["on_frontier"] for c in rec["candidates"])
+
+
+def test_a_test_split_run_never_feeds_a_selection(selected):
+    from sst_lab.tracking.select import main
+
+    runs = selected["runs"]
+    test_run = next(r for r in runs if r.data.tags.get("split") == "test" and r.data.tags["role"] == "merged")
+    val = [r for r in runs if r.data.tags.get("split") == "validation"]
+    ref = next(r for r in val if r.data.tags["role"] == "utility")
+    cand = next(r for r in val if r.data.tags["role"] == "merged")
+    argv = ["--reference", ref.info.run_id, "--safety_metric", "safety/harm/refusal_rate",
+            "--utility_metric", "utility/task/exact_match", "--study", "sel", "--tracking_uri", selected["uri"]]
+    with pytest.raises(SelectionError, match="split='test'.*only validation-split runs"):
+        main(["--candidates", cand.info.run_id, test_run.info.run_id, *argv])
+    with pytest.raises(SelectionError, match="reference: run .* split='test'"):
+        main(["--candidates", cand.info.run_id, *argv[:0], "--reference", test_run.info.run_id, *argv[2:]])
+    client = selected["client"]
+    failed = client.search_runs([client.get_experiment_by_name("sel").experiment_id],
+                                filter_string="tags.stage = 'select' and attributes.status = 'FAILED'")
+    assert len(failed) == 2 and all("split" in r.data.tags["error"] for r in failed)
+
+
+def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_path):
+    from sst_lab.tracking.aggregate import main as aggregate
+    from sst_lab.tracking.report import main as report
+
+    assert aggregate(["--study", "sel", "--tracking_uri", selected["uri"]]) == 0
+    client = selected["client"]
+    exp = client.get_experiment_by_name("sel").experiment_id
+    aggs = client.search_runs([exp], filter_string="tags.`aggregate.group_stage` = 'selected'")
+    assert sorted(r.data.tags["aggregate.method"] for r in aggs) == ["a", "b"]
+    out = tmp_path / "report"
+    assert report(["--study", "sel", "--tracking_uri", selected["uri"], "--output_dir", str(out),
+                   "--safety_metric", "safety/harm/refusal_rate", "--overrefusal_metric", "safety/harm/refusal_rate"]) == 0
+    table = json.loads((out / "report_table.json").read_text())
+    assert table["metrics"]["utility"] == "utility/task/exact_match"  # the task metric, not MMLU, by default
+    sel = table["selection"]
+    assert len(sel["rows"]) == 2 and len(sel["frontiers"]) == 2
+    html = (out / "report.html").read_text()
+    for row in sel["rows"]:
+        agg = client.get_run(row["aggregate_run_id"])
+        m = agg.data.metrics
+        for col, name in (("safety", "safety/harm/refusal_rate"), ("utility", "utility/task/exact_match")):
+            assert row[f"{col}_mean"] == m[f"{name}/mean"] and row[f"{col}_ci_low"] == m[f"{name}/ci_low"]
+            assert f"{m[f'{name}/mean']:.3f} [{m[f'{name}/ci_low']:.3f}, {m[f'{name}/ci_high']:.3f}] (n=2)" in html
+        # the aggregate itself is the mean over the three seeds' test runs of the chosen settings
+        members = [client.get_run(i) for i in agg.data.tags["aggregate.member_run_ids"].split(",")]
+        assert all(r.data.tags["split"] == "test" for r in members) and len(members) == 2
+        vals = [r.data.metrics["safety/harm/refusal_rate"] for r in members]
+        assert m["safety/harm/refusal_rate/mean"] == pytest.approx(sum(vals) / 2)
+        other = "b" if row["family"] == "a" else "a"
+        assert f"paired/{other}/safety/harm/refusal_rate/p_value" in m
+
+
+def test_evaluate_stage_scores_only_its_split_and_records_it(world, store, tmp_path):
+    from sst_lab.evaluate.evaluate import main
+
+    spec = load_suite("xstest-demo")
+    val_ids = {i.id for i in load_split(spec, "validation", None, load_items)[0].items}
+    main(["--config", "configs/evaluate/tiny.yaml", "--suites", "xstest-demo", "--split", "validation",
+          "--preset", "minimal", "--minimal_n", "6", "--study", "tests-split", "--tracking_uri", store,
+          "--output_dir", str(tmp_path / "o")])
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.search_runs([client.get_experiment_by_name("tests-split").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["split"] == "validation"
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="splits/xstest-demo.json",
+                                                tracking_uri=store, dst_path=str(tmp_path / "a"))
+    rec = json.loads(Path(local).read_text())
+    assert len(rec["item_ids"]) == 6 and set(rec["item_ids"]) <= val_ids and rec["rule"]["method"] == "hash"
+    scored = json.loads((tmp_path / "o" / "tables" / "xstest-demo.json").read_text())
+    assert [r["id"] for r in scored] == rec["item_ids"]

@@ -1,0 +1,90 @@
+"""The plan of a study with a ``selection:`` section (see sst_lab.tracking.selection).
+
+Per model x seed x sample size: train the utility and safety adapters; evaluate the utility adapter
+and every candidate merge on the validation split; one ``select`` node per family (its candidates'
+validation evaluations and the utility adapter's are its upstream runs); then, on the test split,
+evaluate base / utility / safety and each family's chosen merge (``--adapter`` = the select node,
+which the sweep resolves to the merge run it chose), and the study's compare pairs on test.
+Node ids end in ``-val`` or ``-test``; test nodes of a family carry ``sweep.method = <family>``.
+"""
+
+from __future__ import annotations
+
+from sst_lab.tracking.study import _SAFE, Node, Study, base_model_path, model_label, node_key
+
+
+def expand_selected(study: Study) -> list[Node]:
+    nodes: dict[str, Node] = {}
+    sel, ev, cmp_ = study.selection, study.evaluate, study.compare
+
+    def add(node: Node) -> str:
+        node.key = node_key(node.stage, node.configs, node.args,
+                            {flag: nodes[up].key for flag, up in node.upstream.items()})
+        nodes.setdefault(node.id, node)
+        return node.id
+
+    methods = {m.name: m for m in study.merge.methods}
+    for model in study.models:
+        label, base = model_label(model), base_model_path(model)
+        accel = model.accelerate_config or study.train.accelerate_config
+        margs = model.args
+
+        def evaluate(role, seed, n, split, method=None, upstream=None):
+            extra = sel.validation_args if split == "validation" else sel.test_args
+            args = {**ev.args, **margs.get("evaluate", {}), **extra, "split": split}
+            if role == "base":
+                args["model"] = base
+            sid = f"-n{n}" if n is not None else ""
+            mid = f"-{_SAFE.sub('_', method)}" if method else ""
+            tail = "val" if split == "validation" else "test"
+            return add(Node(f"evaluate-{role}{mid}-{label}{sid}-s{seed}-{tail}", "evaluate", role, label, seed, n,
+                            method, list(ev.configs), args, {"adapter": upstream} if upstream else {}))
+
+        for seed in study.seeds:
+            base_eval = evaluate("base", seed, None, "test") if "base" in ev.roles else None
+            for n in study.sample_sizes:
+                trained, tests = {}, {"base": base_eval} if base_eval else {}
+                for role in ("utility", "safety"):
+                    size = n if role in study.train.sample_size_roles else None
+                    args = {**study.train.args, **margs.get("train", {})}
+                    if size is not None:
+                        args["sample_size"] = size
+                    sid = f"-n{size}" if size is not None else ""
+                    trained[role] = add(Node(f"train-{role}-{label}{sid}-s{seed}", "train", role, label, seed, size,
+                                             None, [*model.configs, *getattr(study.train, role)], args, {},
+                                             accelerate_config=accel))
+                    if role in ev.roles:
+                        tests[role] = evaluate(role, seed, size, "test", upstream=trained[role])
+                util_val = evaluate("utility", seed, n if "utility" in study.train.sample_size_roles else None,
+                                    "validation", upstream=trained["utility"])
+                merged_n = n if study.train.sample_size_roles else None
+                sid = f"-n{merged_n}" if merged_n is not None else ""
+                for family, labels in sel.families.items():
+                    cand_evals = []
+                    for lab in labels:
+                        m = methods[lab]
+                        args = {**study.merge.args, **margs.get("merge", {}), "method": m.method, **m.args}
+                        mid = add(Node(f"merge-{_SAFE.sub('_', lab)}-{label}{sid}-s{seed}", "merge", "merged", label,
+                                       seed, merged_n, lab, list(study.merge.configs), args,
+                                       {"utility_adapter": trained["utility"], "safety_adapter": trained["safety"]}))
+                        cand_evals.append(evaluate("merged", seed, merged_n, "validation", lab, mid))
+                    sel_args = {"family": family, "safety_metric": sel.safety_metric,
+                                "utility_metric": sel.utility_metric, "rule": sel.rule, "delta": sel.delta,
+                                "budget": len(labels)}
+                    ups = {f"candidates#{i}": e for i, e in enumerate(cand_evals)}
+                    ups["reference"] = util_val
+                    sel_id = add(Node(f"select-{_SAFE.sub('_', family)}-{label}{sid}-s{seed}", "select", "select",
+                                      label, seed, merged_n, family, [], sel_args, ups))
+                    chosen = evaluate("merged", seed, merged_n, "test", family, sel_id)
+                    for crole, rrole in cmp_.pairs if cmp_ else []:
+                        if crole == "merged":
+                            add(Node(f"compare-merged-{_SAFE.sub('_', family)}-vs-{rrole}-{label}{sid}-s{seed}",
+                                     "compare", f"merged_vs_{rrole}", label, seed, merged_n, family, [],
+                                     {**cmp_.args, **margs.get("compare", {})},
+                                     {"candidate": chosen, "reference": tests[rrole]}))
+                for crole, rrole in cmp_.pairs if cmp_ else []:
+                    if crole != "merged":
+                        add(Node(f"compare-{crole}-vs-{rrole}-{label}-n{n}-s{seed}", "compare", f"{crole}_vs_{rrole}",
+                                 label, seed, n, None, [], {**cmp_.args, **margs.get("compare", {})},
+                                 {"candidate": tests[crole], "reference": tests[rrole]}))
+    return list(nodes.values())

@@ -1,0 +1,228 @@
+"""Aggregates and report section of a study with a selection (see sst_lab.tracking.selection).
+
+``write_selected_aggregates`` finds, per base model x sample size x family, the test-split
+evaluations of the merges its ``select`` runs chose (one per seed), and writes one
+``stage=aggregate`` run per family (``aggregate.group_stage = selected``): every metric's mean,
+std, n and 95 % Student-t interval over seeds, and ``paired/<other family>/<metric>/...``: the mean
+per-seed difference, its interval and a paired t-test p-value over the seeds both families share.
+``selection_section`` reads those runs back (never recomputes) plus the select runs' validation
+frontiers, so the HTML report and MLflow show the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, fetch_runs,
+                                          paired_summary, summarize)
+
+GROUP_STAGE = "selected"
+
+
+def _chosen_tests(runs: list[Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(model, sample_size, family) -> {seed: test evaluate run of the chosen merge} (latest run wins)."""
+    tests = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("stage") == "evaluate"
+             and r.data.tags.get("split") == "test"]
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for sel in runs:
+        t = sel.data.tags
+        if t.get("stage") != "select" or sel.info.status != "FINISHED":
+            continue
+        merge_id = t["select.chosen_merge_run_id"]
+        mine = [r for r in tests if r.data.tags.get("adapter_run_id") == merge_id]
+        if not mine:
+            continue  # the test evaluation of this choice has not run yet
+        run = max(mine, key=lambda r: r.info.start_time or 0)
+        key = (t.get("sweep.model", "none"), t.get("sweep.sample_size", "none"), t.get("select.family", "none"))
+        seeds = out.setdefault(key, {})
+        old = seeds.get(t.get("seed"))
+        if old is None or (run.info.start_time or 0) > (old.info.start_time or 0):
+            seeds[t.get("seed")] = run
+    return out
+
+
+def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[str]:
+    """One aggregate run per (model, sample size, family) of chosen settings on test; reopened on rerun."""
+    import mlflow
+
+    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri, stage_run
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"study {study!r} has no experiment in {uri}")
+    runs = fetch_runs(client, exp.experiment_id)
+    groups = _chosen_tests(runs)
+    existing = {r.data.tags.get("aggregate.group_config_id"): r for r in runs
+                if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE}
+    written = []
+    for (model, size, family), by_seed in sorted(groups.items()):
+        names = aggregated_metric_names(next(iter(by_seed.values())).data.metrics)
+        names = [n for n in names if all(n in r.data.metrics for r in by_seed.values())]
+        summaries = {n: summarize([r.data.metrics[n] for r in by_seed.values()]) for n in names}
+        paired: dict[str, dict[str, Any]] = {}
+        for (m2, s2, other), other_seeds in groups.items():
+            if (m2, s2) != (model, size) or other == family:
+                continue
+            common = sorted(set(by_seed) & set(other_seeds))
+            if len(common) < 2:
+                continue
+            paired[other] = {n: paired_summary([by_seed[s].data.metrics[n] - other_seeds[s].data.metrics[n]
+                                                for s in common])
+                             for n in names if all(n in other_seeds[s].data.metrics for s in common)}
+        metrics = {k: v for k, v in aggregate_metrics(summaries, paired).items() if math.isfinite(v)}
+        gid = f"{GROUP_STAGE}/{model}/n{size}/{family}"
+        members = [by_seed[s] for s in sorted(by_seed)]
+        ids = [r.info.run_id for r in members]
+        tags = {"role": "merged", "sample_size": size, "seed": "all", "upstream_run_ids": ",".join(ids),
+                "aggregate.group_stage": GROUP_STAGE, "aggregate.group_config_id": gid, "aggregate.role": "merged",
+                "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
+                "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
+                "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
+                "aggregate.chosen_candidates": ",".join(r.data.tags.get("sweep.method", "?") for r in members)}
+        old = existing.get(gid)
+        with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
+                       tags=tags, run_name=f"aggregate-{gid.replace('/', '-')}", tracking_uri=uri,
+                       resume_run_id=old.info.run_id if old is not None else None) as run:
+            items = list(metrics.items())
+            for i in range(0, len(items), 500):
+                run.log_metrics(dict(items[i:i + 500]))
+            run.log_json({"group": gid, "members": ids, "metrics": {k: vars(v) for k, v in summaries.items()},
+                          "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in paired.items()}},
+                         "aggregate.json")
+        written.append(run.run_id)
+        echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {gid} ({len(ids)} seeds)")
+    return written
+
+
+def _frontiers(client: Any, runs: list[Any], work: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(model, sample_size, family) -> validation points: candidate -> mean (safety, utility) over seeds."""
+    import mlflow
+
+    acc: dict[tuple[str, str, str], dict[str, list[tuple[float, float]]]] = {}
+    chosen: dict[tuple[str, str, str], list[str]] = {}
+    for sel in runs:
+        t = sel.data.tags
+        if t.get("stage") != "select" or sel.info.status != "FINISHED":
+            continue
+        path = mlflow.artifacts.download_artifacts(run_id=sel.info.run_id, artifact_path="select/frontier.json",
+                                                   tracking_uri=client.tracking_uri, dst_path=str(work / sel.info.run_id))
+        rec = json.loads(Path(path).read_text())
+        key = (t.get("sweep.model", "none"), t.get("sweep.sample_size", "none"), rec.get("family", "none"))
+        for c in rec["candidates"]:
+            acc.setdefault(key, {}).setdefault(c["label"], []).append((c["safety"], c["utility"]))
+        chosen.setdefault(key, []).append(rec["chosen"]["label"])
+    out = {}
+    for key, cands in acc.items():
+        from sst_lab.tracking.selection import pareto_front
+
+        labels = sorted(cands)
+        pts = [tuple(sum(v) / len(v) for v in zip(*cands[lab])) for lab in labels]
+        front = pareto_front(pts)
+        out[key] = {"points": {lab: {"safety": p[0], "utility": p[1], "n_seeds": len(cands[lab]), "on_frontier": f}
+                               for lab, p, f in zip(labels, pts, front)}, "chosen": chosen[key]}
+    return out
+
+
+def selection_section(client: Any, experiment_id: str, work: Path, safety_metric: str,
+                      utility_metric: str) -> dict[str, Any] | None:
+    """Table rows (from the selected aggregate runs) and validation frontiers; None without selections."""
+    runs = fetch_runs(client, experiment_id)
+    aggs = [r for r in runs if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE and r.info.status == "FINISHED"]
+    if not aggs:
+        return None
+    rows = []
+    for r in sorted(aggs, key=lambda r: r.data.tags["aggregate.group_config_id"]):
+        t, m = r.data.tags, r.data.metrics
+        row = {"aggregate_run_id": r.info.run_id, "model": t["aggregate.model"], "sample_size": t["aggregate.sample_size"],
+               "family": t["aggregate.method"], "seeds": t["aggregate.seeds"],
+               "chosen": t.get("aggregate.chosen_candidates", "")}
+        for col, name in (("safety", safety_metric), ("utility", utility_metric)):
+            for stat in ("mean", "ci_low", "ci_high", "n"):
+                if f"{name}/{stat}" in m:
+                    row[f"{col}_{stat}"] = m[f"{name}/{stat}"]
+        row["paired"] = {}
+        for key, value in m.items():
+            for col, name in (("safety", safety_metric), ("utility", utility_metric)):
+                if key.startswith("paired/") and key.endswith(f"/{name}/p_value"):
+                    other = key[len("paired/"):-len(f"/{name}/p_value")]
+                    row["paired"].setdefault(other, {})[f"{col}_p_value"] = value
+                    row["paired"][other][f"{col}_diff"] = m[f"paired/{other}/{name}/mean"]
+        rows.append(row)
+    fronts = _frontiers(client, runs, work)
+    return {"safety_metric": safety_metric, "utility_metric": utility_metric, "rows": rows,
+            "frontiers": {"|".join(k): v for k, v in fronts.items()}}
+
+
+def plot_selection(section: dict[str, Any]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in section["rows"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    colors = {}
+    for ax, model in zip(axes[0], models):
+        for key, fr in section["frontiers"].items():
+            m, _size, fam = key.split("|")
+            if m != model:
+                continue
+            c = colors.setdefault(fam, f"C{len(colors)}")
+            pts = sorted(fr["points"].values(), key=lambda p: p["safety"])
+            ax.scatter([p["safety"] for p in pts], [p["utility"] for p in pts], color=c, alpha=0.35, marker="o")
+            front = [p for p in pts if p["on_frontier"]]
+            ax.plot([p["safety"] for p in front], [p["utility"] for p in front], color=c, alpha=0.5,
+                    label=f"{fam} validation frontier")
+        for r in section["rows"]:
+            if r["model"] != model or "safety_mean" not in r or "utility_mean" not in r:
+                continue
+            c = colors.setdefault(r["family"], f"C{len(colors)}")
+            xe = [[r["safety_mean"] - r.get("safety_ci_low", r["safety_mean"])],
+                  [r.get("safety_ci_high", r["safety_mean"]) - r["safety_mean"]]]
+            ye = [[r["utility_mean"] - r.get("utility_ci_low", r["utility_mean"])],
+                  [r.get("utility_ci_high", r["utility_mean"]) - r["utility_mean"]]]
+            ax.errorbar([r["safety_mean"]], [r["utility_mean"]], xerr=xe, yerr=ye, color=c, marker="*",
+                        markersize=12, capsize=3, label=f"{r['family']} chosen, test (95% CI)")
+        ax.set_title(model)
+        ax.set_xlabel(section["safety_metric"])
+        ax.set_ylabel(section["utility_metric"])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def render_section(section: dict[str, Any]) -> str:
+    import html
+
+    e = html.escape
+
+    def cell(r, col):
+        if f"{col}_mean" not in r:
+            return "—"
+        lo, hi = r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high")
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+        return f"{r[f'{col}_mean']:.3f}{ci} (n={int(r.get(f'{col}_n', 0))})"
+
+    def paired(r):
+        parts = []
+        for other, v in sorted(r["paired"].items()):
+            for col in ("safety", "utility"):
+                if f"{col}_p_value" in v:
+                    parts.append(f"vs {other}: Δ{col} {v[f'{col}_diff']:+.3f} (p={v[f'{col}_p_value']:.3g})")
+        return "; ".join(parts) or "—"
+
+    body = "".join(
+        f"<tr><td>{e(r['model'])}</td><td>{e(r['sample_size'])}</td><td>{e(r['family'])}</td>"
+        f"<td>{e(r['chosen'])}</td><td>{cell(r, 'safety')}</td><td>{cell(r, 'utility')}</td>"
+        f"<td>{e(paired(r))}</td></tr>" for r in section["rows"])
+    return ("<h2>Chosen on validation, scored on test</h2><p>Each family's setting was chosen per seed on the "
+            "validation split (select runs); cells are test-split means with the 95% Student-t interval over seeds; "
+            "paired t-tests between families at their chosen settings over common seeds.</p>"
+            "<table><tr><th>model</th><th>n</th><th>method</th><th>chosen (per seed)</th>"
+            f"<th>{e(section['safety_metric'])}</th><th>{e(section['utility_metric'])}</th><th>paired</th></tr>"
+            f"{body}</table>")
