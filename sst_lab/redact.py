@@ -88,8 +88,13 @@ def _keyed(match: re.Match) -> str:
 _TEXT_PATTERNS: list[tuple[re.Pattern, Any]] = [
     (re.compile(r"hf_[A-Za-z0-9]{16,}"), REDACTED),
     (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + REDACTED),
-    # scheme://user:pw@host, scheme:/user:pw@host (datasets rewrites '://'), and user:pw@host
-    (re.compile(r"(?P<pre>(?:[A-Za-z][A-Za-z0-9+.-]*:/{1,3})?[^\s:/@'\"`]*):(?P<pw>[^\s@/'\"`]+)@(?=[\w\[.-])"),
+    # scheme://user:pw@host, scheme:/user:pw@host (datasets rewrites '://'): any host
+    (re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.-]*:/{1,3}[^\s:/@'\"`]*):(?P<pw>[^\s@/'\"`]+)@(?=[\w\[.-])"),
+     r"\g<pre>:" + REDACTED + "@"),
+    # user:pw@host without a scheme: only where the host looks like one (a dotted name or address,
+    # localhost, [ipv6]), so ids such as ``guard:<model>@<fingerprint>`` are not mistaken for it
+    (re.compile(r"(?P<pre>(?<![\w.+-])[^\s:/@'\"`]+):(?P<pw>[^\s@/'\"`]+)@"
+                r"(?=(?:localhost\b|\[[0-9A-Fa-f:]+\]|[\w-]+(?:\.[\w-]+)+))"),
      r"\g<pre>:" + REDACTED + "@"),
     # query strings: ?token=..&sig=..
     (re.compile(r"(?P<sep>[?&;])(?P<k>[^=&#\s?;]+)=(?P<v>[^&#\s'\"`]+)"),

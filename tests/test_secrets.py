@@ -120,3 +120,12 @@ def test_only_secret_names_are_masked():
     value = "zq-remembered-9"
     assert redact({"x": {"token": value}}) == {"x": {"token": REDACTED}}
     assert redact_text(f"later, in a message: {value}") == f"later, in a message: {REDACTED}"
+
+
+@pytest.mark.parametrize("text", [
+    "classifier:tiny-world-guard@6c4998283c30+template@706f0e7a41b2",  # judge ids (evaluate/calibrate tags)
+    "guard:tiny-world-guard@6c4998283c30", "refusal_keyword@0123abcd",
+])
+def test_ids_shaped_like_user_at_host_are_kept(text):
+    """A bare ``name:value@x`` is a credential only when x looks like a host (dotted, localhost, [ipv6])."""
+    assert redact_text(text) == text
