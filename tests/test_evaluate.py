@@ -319,10 +319,14 @@ def test_metrics_tables_and_tags_land_in_mlflow(evaluated, trained, store, tmp_p
     assert mu["utility/task-demo/exact_match_ci_low"] > mb["utility/task-demo/exact_match_ci_high"]
 
 
-def test_safety_adapter_gain_is_significant_in_compare(evaluated, store):
-    proc = run_stage(["evaluate/compare.py", "--reference", evaluated["base"], "--candidate", evaluated["safety"],
-                      "--study", "tests-eval", "--tracking_uri", store])
-    out = parse_outputs(proc.stdout)
+def test_safety_adapter_gain_is_significant_in_compare(evaluated, store, capsys):
+    """In process: tests/test_study.py runs evaluate/compare.py as a child process in its real sweep."""
+    from sst_lab.evaluate.compare import main
+
+    capsys.readouterr()
+    assert main(["--reference", evaluated["base"], "--candidate", evaluated["safety"],
+                 "--study", "tests-eval", "--tracking_uri", store]) == 0
+    out = parse_outputs(capsys.readouterr().out)
     run = _client(store).get_run(out["run_id"])
     t, m = run.data.tags, run.data.metrics
     assert t["compare/safety_suite"] == "harmful-demo" and t["compare/utility_suite"] == "task-demo"

@@ -138,18 +138,17 @@ def test_parallel_stage_processes_through_a_postgres_backed_server(server, fakes
 def test_real_train_stages_in_parallel_through_the_server(server, tmp_path):
     name = f"pg-train-{uuid.uuid4().hex[:8]}"
     data = {"name": name, "models": [{"name": "tiny", "configs": ["configs/models/tiny.yaml"]}],
-            "sample_sizes": [16], "seeds": [1, 2],
+            "sample_sizes": [16], "seeds": [1],  # utility and safety: two stages at once with 2 workers
             "train": {"utility": ["configs/train/utility.yaml"], "safety": ["configs/train/safety.yaml"],
                       "args": {"max_steps": 2}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     proc = subprocess.run([sys.executable, "tracking/sweep.py", "--config", str(tmp_path / "study.yaml"),
                            "--tracking_uri", server, "--workers", "2", "--output_root", str(tmp_path / "out")],
                           cwd=REPO, env=stage_env(), capture_output=True, text=True)
-    assert proc.returncode == 0 and "4 finished" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 finished" in proc.stdout, proc.stdout + proc.stderr
     runs = study_runs(server, name)
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {(r.data.tags["role"], r.data.tags["seed"]) for r in runs} == {
-        (role, seed) for role in ("utility", "safety") for seed in ("1", "2")}
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {(r.data.tags["role"], r.data.tags["seed"]) for r in runs} == {("utility", "1"), ("safety", "1")}
     client = mlflow.MlflowClient(tracking_uri=server)
     for r in runs:
         names = {f.path for f in client.list_artifacts(r.info.run_id, "adapter")}

@@ -53,12 +53,16 @@ def test_train_run_is_recorded_completely(trained, store, world, role, tmp_path)
     assert f"run_id: {run.info.run_id}" in trained.stdout
 
 
-def test_sample_size_draws_a_seeded_subset(world, store, tmp_path):
+def test_sample_size_draws_a_seeded_subset(world, store, tmp_path, capsys):
+    """In process (the `trained` fixture runs the stage script end to end under `accelerate launch`)."""
+    from sst_lab.train.sft import main
+
     def items(seed, name):
-        proc = run_stage(["train/sft.py", "--config", "configs/models/tiny.yaml", "--config", "configs/train/utility.yaml",
-                          "--study", "tests-sample", "--tracking_uri", store, "--output_dir", str(tmp_path / name),
-                          "--seed", str(seed), "--sample_size", "32", "--max_steps", "1"])
-        adapter = Path(proc.stdout.split("adapter: ")[1].split()[0])
+        capsys.readouterr()
+        assert main(["--config", "configs/models/tiny.yaml", "--config", "configs/train/utility.yaml",
+                     "--study", "tests-sample", "--tracking_uri", store, "--output_dir", str(tmp_path / name),
+                     "--seed", str(seed), "--sample_size", "32", "--max_steps", "1"]) == 0
+        adapter = Path(capsys.readouterr().out.split("adapter: ")[1].split()[0])
         return [i["id"] for i in json.loads((adapter / "training_items.json").read_text())]
 
     a, b = items(3, "a"), items(4, "b")
