@@ -40,6 +40,7 @@ _SECRET_WORDS = {"token", "secret", "secrets", "password", "passwords", "passwd"
                  "credentials", "auth", "apikey", "passphrase"}
 _SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")}
 _SPECIAL_TOKENS = {"pad", "bos", "eos", "unk", "sep", "cls", "mask"}  # <pad_token> etc. name tokenizer symbols
+_NOT_SECRETS = {"PWD"}  # the shell's working directory, not a password: masking it hid every path in the logs
 _QUERY_SECRETS = {"key", "sig", "signature", "code", "x-amz-signature", "x-amz-credential",
                   "x-amz-security-token"}
 
@@ -54,6 +55,8 @@ def _words(key: str) -> list[str]:
 
 def is_secret_key(key: str) -> bool:
     """True when a config/environment/query key names a secret (whole words, see module doc)."""
+    if str(key) in _NOT_SECRETS:
+        return False
     words = _words(key)
     for i, word in enumerate(words):
         if word in _SECRET_WORDS:

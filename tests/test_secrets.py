@@ -129,3 +129,11 @@ def test_only_secret_names_are_masked():
 def test_ids_shaped_like_user_at_host_are_kept(text):
     """A bare ``name:value@x`` is a credential only when x looks like a host (dotted, localhost, [ipv6])."""
     assert redact_text(text) == text
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
+    """``$PWD`` ends in the word "pwd": masking its value hid the repo path in every log line."""
+    monkeypatch.setenv("PWD", str(tmp_path / "checkout-dir"))
+    monkeypatch.setenv("DB_PWD", "s3cr3t-value")
+    text = f"{tmp_path}/checkout-dir/.venv/bin/python train/sft.py --x s3cr3t-value"
+    assert redact_text(text) == f"{tmp_path}/checkout-dir/.venv/bin/python train/sft.py --x {REDACTED}"
