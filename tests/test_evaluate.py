@@ -61,7 +61,7 @@ def test_every_evaluate_config_and_suite_validates():
 
     suite_files = sorted((REPO / "configs" / "evaluate" / "suites").glob("*.yaml"))
     kinds = {load_suite(str(p)).kind for p in suite_files}
-    assert kinds == {"safety", "overrefusal", "mmlu", "gsm8k", "task"}
+    assert kinds == {"safety", "overrefusal", "mmlu", "gsm8k", "task", "classification"}  # sst2-dev
     for name in ("advbench", "harmbench", "jbb", "strongreject", "xstest", "mmlu", "mmlu-5shot", "gsm8k"):
         assert load_suite(name).name == name
     assert load_suite("mmlu-5shot").shots == 5 and load_suite("gsm8k").shots == 8
