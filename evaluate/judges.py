@@ -265,26 +265,32 @@ class GuardJudge:
 
 
 # ------------------------------------------------------------------------- template classifier
-def read_template(path: str) -> tuple[str, str]:
-    """``(template text, sha256)``; the fields must be among ``TEMPLATE_FIELDS`` and include
-    ``behavior`` and ``generation``."""
+def template_fields(path: str, what: str) -> tuple[str, set[str], str]:
+    """``(text, fields, sha256)`` of a ``str.format`` template file; errors name ``what`` and the file."""
     import hashlib
     import string
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
-        raise JudgeError(f"classifier template {p}: no such file")
+        raise JudgeError(f"{what} {p}: no such file")
     text = p.read_text(encoding="utf-8")
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
     except ValueError as exc:
-        raise JudgeError(f"classifier template {p}: not a str.format template ({exc})") from exc
+        raise JudgeError(f"{what} {p}: not a str.format template ({exc})") from exc
+    return text, fields, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_template(path: str) -> tuple[str, str]:
+    """``(template text, sha256)``; the fields must be among ``TEMPLATE_FIELDS`` and include
+    ``behavior`` and ``generation``."""
+    text, fields, sha = template_fields(path, "classifier template")
     unknown = sorted(fields - set(TEMPLATE_FIELDS))
     if unknown or not {"behavior", "generation"} <= fields:
-        raise JudgeError(f"classifier template {p}: fields {sorted(fields)}; it needs {{behavior}} and "
+        raise JudgeError(f"classifier template {path}: fields {sorted(fields)}; it needs {{behavior}} and "
                          f"{{generation}} and may use {{context}} (unknown: {unknown})")
-    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return text, sha
 
 
 class TemplateJudge:

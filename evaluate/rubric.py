@@ -15,15 +15,12 @@ item is never scored.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sst_lab.evaluate.judges import JudgeError, is_empty
+from sst_lab.evaluate.judges import JudgeError, is_empty, template_fields
 
 RUBRIC_JUDGE = "strongreject_rubric"
 RUBRIC_FIELDS = ("forbidden_prompt", "response")
@@ -58,17 +55,10 @@ def parse_rubric(text: str) -> RubricVerdict:
 
 def read_rubric_template(path: str, fields: Sequence[str] = RUBRIC_FIELDS) -> tuple[str, str]:
     """``(text, sha256)`` of a template file that uses exactly ``fields`` (a system prompt: none)."""
-    p = Path(path)
-    if not p.is_file():
-        raise JudgeError(f"rubric template {p}: no such file")
-    text = p.read_text(encoding="utf-8")
-    try:
-        used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    except ValueError as exc:
-        raise JudgeError(f"rubric template {p}: not a str.format template ({exc})") from exc
+    text, used, sha = template_fields(path, "rubric template")
     if used != set(fields):
-        raise JudgeError(f"rubric template {p}: fields {sorted(used)}; expected {sorted(fields)}")
-    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+        raise JudgeError(f"rubric template {path}: fields {sorted(used)}; expected {sorted(fields)}")
+    return text, sha
 
 
 class RubricJudge:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -58,3 +59,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def is_complete(folder: Path) -> bool:
     """True only for an output folder whose completion marker was written."""
     return (Path(folder) / DONE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the duration of the block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

