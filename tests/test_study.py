@@ -262,7 +262,9 @@ def fake_sweep(fakes, tmp_path_factory):
     d = tmp_path_factory.mktemp("fake_sweep")
     uri = f"sqlite:///{d}/mlflow.db"
     study = fake_study(fakes, d / "study.yaml", name="fake")
-    first = run_sweep(study, uri, fakes, "--workers", "3")
+    # each fake stage lasts >= 1 s, so the 3 workers' runs overlap (a stage done before the next sweep
+    # bookkeeping step would make the overlap check below depend on timing: it failed once in CI)
+    first = run_sweep(study, uri, fakes, "--workers", "3", env={"FAKE_SLEEP": "1"})
     second = run_sweep(study, uri, fakes, "--workers", "3")
     return {"uri": uri, "study": study, "first": first, "second": second, "dir": d}
 
