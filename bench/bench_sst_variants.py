@@ -1,15 +1,21 @@
 """Measurement (not a test): SST-Merge curvature x point x projection beside linear, over seeds.
 
-For each seed (the merge seed: which Fisher and held-out examples are drawn, and the sampled
-Fisher's label draws) and each variant, runs the merge stage and the evaluate stage in-process on a
-fixed pair of trained adapters, into a temporary sqlite store, and appends one JSON line per run to
-``--out``: curvature fidelity (held-out predicted vs measured loss change), subspace stability,
-eigengap, kept fraction, and the merged model's refusal rate and task exact match with their n.
-``--table`` turns such a file into the markdown table of merge/README.md (mean and a 95 % t-interval
-over seeds). Run it alone and niced; every run is independent, so partial files are usable.
+For each seed and each variant, runs the merge stage and the evaluate stage in-process into a
+sqlite store (temporary, or ``--store``) and appends one JSON line per run to ``--out``: curvature
+fidelity (held-out predicted vs measured loss change), subspace stability, eigengap, kept fraction,
+and the merged model's refusal rate and task exact match with their n. The seed is the merge seed
+(which Fisher and held-out examples are drawn, and the sampled Fisher's label draws) and, with
+``--adapters_study``, also the adapter-training seed: seed s merges the utility and safety adapters
+of that study's FINISHED train runs of seed s. ``--table`` turns such a file into the markdown
+table of merge/README.md (mean and a 95 % t-interval over seeds). Every run is independent and a
+(variant, seed) already in ``--out`` is skipped, so a stopped run resumes and partial files are usable.
 
+    # tiny world, one fixed adapter pair, merge seeds 1-3
     .venv/bin/python bench/bench_sst_variants.py --utility_adapter U --safety_adapter S --seeds 1 2 3 \
         --out outputs/bench-sst/results.jsonl
+    # SmolLM2: the adapters of each seed of a study, evaluated on the VALIDATION split
+    .venv/bin/python bench/bench_sst_variants.py --model smollm2 --adapters_store sqlite:///STORE.db \
+        --adapters_study smollm2-select --seeds 1 2 3 --k 8 --alpha 1 --out outputs/bench-sst/smollm2.jsonl
     .venv/bin/python bench/bench_sst_variants.py --table outputs/bench-sst/results.jsonl
 """
 
@@ -30,6 +36,33 @@ MERGE_KEYS = ("fidelity/safety_ratio", "fidelity/utility_ratio", "fidelity/safet
               "fidelity/utility_predicted_change", "subspace_overlap/mean", "eigengap_at_k/mean",
               "kept_fraction/max", "core_in_eps_dominated/mean", "effective_rank_fisher_utility/mean")
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
+# per model: merge config, evaluate config, suites, evaluate arguments (validation split for a real model:
+# choosing defaults on test items would tune on the test set)
+MODELS = {
+    "tiny": ("configs/merge/tiny.yaml", "configs/evaluate/tiny.yaml", ["harmful-demo", "task-demo"], []),
+    "smollm2": ("configs/merge/smollm2.yaml", "configs/evaluate/smollm2.yaml", ["advbench-keyword", "sst2-dev"],
+                ["--split", "validation", "--preset", "minimal", "--minimal_n", "48"]),
+}
+
+
+def study_adapters(store: str, study: str, seed: int) -> tuple[str, str]:
+    """The adapter folders of the FINISHED utility and safety train runs of ``seed`` in ``study``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise SystemExit(f"--adapters_study {study}: no such experiment in {store}")
+    found = {}
+    for role in ("utility", "safety"):
+        runs = client.search_runs([exp.experiment_id], f"tags.stage = 'train' and tags.role = '{role}' and "
+                                  f"tags.seed = '{seed}' and attributes.status = 'FINISHED'")
+        paths = sorted({r.data.tags.get("adapter_path") for r in runs} - {None})
+        if len(paths) != 1:
+            raise SystemExit(f"--adapters_study {study}: {len(paths)} FINISHED {role} train runs of seed {seed} "
+                             f"with an adapter_path tag in {store}; expected exactly 1")
+        found[role] = paths[0]
+    return found["utility"], found["safety"]
 
 
 def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path) -> dict:
@@ -38,19 +71,27 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
     from sst_lab.evaluate.evaluate import main as evaluate_main
     from sst_lab.merge.merge import main as merge_main
 
+    merge_config, eval_config, suites, eval_args = MODELS[opts.model]
+    if opts.adapters_study:
+        utility, safety = study_adapters(opts.adapters_store, opts.adapters_study, seed)
+    else:
+        utility, safety = opts.utility_adapter, opts.safety_adapter
     out = work / f"{name}-s{seed}"
     extra = ["--k", str(opts.k), "--alpha", str(opts.alpha)] if name.startswith("sst") else []
-    merge_main(["--config", "configs/merge/tiny.yaml", "--utility_adapter", opts.utility_adapter, "--safety_adapter",
-                opts.safety_adapter, *args, *extra, "--seed", str(seed), "--study", "bench-sst", "--tracking_uri",
+    merge_main(["--config", merge_config, "--utility_adapter", utility, "--safety_adapter",
+                safety, *args, *extra, "--seed", str(seed), "--study", "bench-sst", "--tracking_uri",
                 store, "--output_dir", str(out), "--run_name", f"{name}-s{seed}"])
     client = mlflow.MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("bench-sst").experiment_id
-    merge_run = client.search_runs([exp], f"tags.mlflow.runName = '{name}-s{seed}'")[0]
-    evaluate_main(["--config", "configs/evaluate/tiny.yaml", "--adapter", str(out), "--suites", *opts.suites,
-                   "--role", "merged",
+    merge_run = client.search_runs([exp], f"tags.mlflow.runName = '{name}-s{seed}'", order_by=["attributes.start_time DESC"])[0]
+    evaluate_main(["--config", eval_config, "--adapter", str(out), "--suites", *(opts.suites or suites),
+                   *eval_args, "--role", "merged", "--seed", str(seed),
                    "--study", "bench-sst", "--tracking_uri", store, "--run_name", f"eval-{name}-s{seed}"])
-    eval_run = client.search_runs([exp], f"tags.mlflow.runName = 'eval-{name}-s{seed}'")[0]
-    row = {"variant": name, "seed": seed, "k": opts.k, "alpha": opts.alpha}
+    eval_run = client.search_runs([exp], f"tags.mlflow.runName = 'eval-{name}-s{seed}'",
+                                  order_by=["attributes.start_time DESC"])[0]
+    row = {"variant": name, "seed": seed, "k": opts.k, "alpha": opts.alpha, "model": opts.model,
+           "utility_adapter": utility, "safety_adapter": safety, "merge_run": merge_run.info.run_id,
+           "eval_run": eval_run.info.run_id}
     row.update({k: merge_run.data.metrics[f"merge/{k}"] for k in MERGE_KEYS if f"merge/{k}" in merge_run.data.metrics})
     row.update({k: v for k, v in eval_run.data.metrics.items()
                 if k.endswith(("refusal_rate", "exact_match", "/n", "compliance_rate_safe"))})
@@ -60,6 +101,8 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cols = {"safety/harmful-demo/refusal_rate": "refusal", "utility/task-demo/exact_match": "task EM",
+            "safety/advbench-keyword/refusal_rate": "refusal AdvBench", "utility/sst2-dev/exact_match": "SST-2 EM",
+            "utility/sst2-dev/label_accuracy": "SST-2 label acc.",
             "fidelity/safety_measured_change": "ΔL_s measured", "fidelity/safety_predicted_change": "ΔL_s predicted",
             "fidelity/utility_measured_change": "ΔL_u measured", "fidelity/utility_predicted_change": "ΔL_u predicted",
             "subspace_overlap/mean": "overlap", "eigengap_at_k/mean": "gap λk/λk+1",
@@ -84,25 +127,39 @@ def table(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--utility_adapter")
     p.add_argument("--safety_adapter")
+    p.add_argument("--adapters_store", help="MLflow store of --adapters_study")
+    p.add_argument("--adapters_study", help="take seed s's adapters from this study's train runs of seed s")
+    p.add_argument("--store", type=Path, help="sqlite file for the bench's own runs (default: temporary)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "linear-w2"])
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--suites", nargs="+", default=["harmful-demo", "task-demo"])
+    p.add_argument("--suites", nargs="+", help="default: the model's (MODELS)")
     p.add_argument("--out", type=Path)
     p.add_argument("--table", type=Path)
     opts = p.parse_args()
     if opts.table:
         print(table(opts.table))
         return
+    if not opts.adapters_study and not (opts.utility_adapter and opts.safety_adapter):
+        p.error("give --utility_adapter and --safety_adapter, or --adapters_store and --adapters_study")
     opts.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if opts.out.exists():
+        done = {(r["variant"], r["seed"]) for r in map(json.loads, opts.out.read_text().splitlines()) if r}
     with tempfile.TemporaryDirectory(prefix="bench-sst-") as tmp:
-        store = f"sqlite:///{tmp}/mlflow.db"
+        if opts.store:
+            opts.store.parent.mkdir(parents=True, exist_ok=True)
+        store = f"sqlite:///{(opts.store or Path(tmp) / 'mlflow.db').resolve()}"
+        work = (opts.store.parent if opts.store else Path(tmp))
         for seed in opts.seeds:
             for name in opts.variants:
-                row = run_one(name, VARIANTS[name], seed, opts, store, Path(tmp))
+                if (name, seed) in done:
+                    continue
+                row = run_one(name, VARIANTS[name], seed, opts, store, work)
                 with opts.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
