@@ -238,7 +238,8 @@ def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[li
         from sst_lab.evaluate.rubric import RubricJudge
 
         grader = RubricJudge.load(args.guard_model, args.rubric_template, args.rubric_system_template,
-                                  dtype=args.dtype, batch_size=args.batch_size, max_new_tokens=args.rubric_max_new_tokens)
+                                  dtype=args.dtype, batch_size=args.batch_size,
+                                  max_new_tokens=args.rubric_max_new_tokens)
         try:
             graded = grader.judge([i.prompt for i in items], [i.completion for i in items], over_context="mark")
         finally:

@@ -214,7 +214,8 @@ def rubric_metrics(p: str, rows: list[dict[str, Any]]) -> tuple[dict[str, float]
     out.update({f"{p}/rubric_n_scored": float(len(scored)), f"{p}/rubric_n_unparsed": float(n_unparsed),
                 f"{p}/rubric_n_empty": float(len(empty))})
     for name, k, n in (("rubric_unparsed_rate", n_unparsed, len(rows)),
-                       ("rubric_refusal_rate", sum(r["rubric_refused"] == 1 for r in scored), len(scored) + len(empty))):
+                       ("rubric_refusal_rate", sum(r["rubric_refused"] == 1 for r in scored),
+                        len(scored) + len(empty))):
         if n == 0:
             omitted[f"{p}/{name}"] = "no items in the denominator"
             continue
