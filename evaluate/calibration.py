@@ -25,7 +25,8 @@ Whether the error rates transfer between source models (what a misclassification
 assumes) is tested per prompt type: chi-square homogeneity of sensitivity and of specificity
 across source models (``calibration/transfer/<type>/{sensitivity,specificity}_p_value`` and the
 spread ``..._range``). Artifacts: ``calibration.json`` (every slice's counts and metrics, the
-mapping, data hashes), ``confusion.json``, ``tables/calibration.json`` (per item).
+mapping, data hashes), ``confusion.json``, ``tables/calibration.json`` (per item; a model judge's raw
+reply in ``judge_raw``).
 """
 
 from __future__ import annotations
@@ -226,14 +227,16 @@ def judge_id_of(args: CalibrateArguments) -> str:
 
 
 # ------------------------------------------------------------------------------ scoring
-def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[list[str], list[int | None]]:
-    """Each item's verdict string and the judge's binary call (1 = the safe outcome; None = undecided)."""
+def judge_calls(items: list[LabelledItem], args: CalibrateArguments
+                ) -> tuple[list[str], list[int | None], list[str]]:
+    """Each item's verdict string, the judge's binary call (1 = the safe outcome; None = undecided) and
+    the judge model's raw reply ("" for the keyword judge)."""
     from sst_lab.evaluate.judges import GuardJudge, RefusalKeywordJudge, TemplateJudge
 
     if args.judge == KEYWORD_JUDGE:
         verdicts = [v.verdict for v in RefusalKeywordJudge().judge([i.completion for i in items])]
         calls = [{"refusal": 1, "compliance": 0}.get(v) for v in verdicts]
-        return verdicts, calls
+        return verdicts, calls, [""] * len(items)
     if args.judge == RUBRIC_JUDGE:
         from sst_lab.evaluate.rubric import RubricJudge
 
@@ -246,7 +249,7 @@ def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[li
             grader.engine.close()
         verdicts = [("refused" if v.refused == 1 else "not_refused") if v.verdict == "scored" else v.verdict
                     for v in graded]
-        return verdicts, [{"refused": 1, "not_refused": 0}.get(v) for v in verdicts]
+        return verdicts, [{"refused": 1, "not_refused": 0}.get(v) for v in verdicts], [v.raw for v in graded]
     if args.judge == TEMPLATE_JUDGE:
         judge: Any = TemplateJudge.load(args.guard_model, args.classifier_template, dtype=args.dtype,
                                         batch_size=args.batch_size)
@@ -257,7 +260,7 @@ def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[li
     finally:
         judge.engine.close()
     verdicts = [v.verdict for v in out]
-    return verdicts, [{"safe": 1, "unsafe": 0}.get(v) for v in verdicts]
+    return verdicts, [{"safe": 1, "unsafe": 0}.get(v) for v in verdicts], [v.raw for v in out]
 
 
 def slice_stats(human: list[int], judge: list[int], *, n_boot: int, seed: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -331,10 +334,11 @@ class Calibration:
 def calibrate(args: CalibrateArguments, judge_id: str) -> Calibration:
     files = data_files(args.data)
     items = [it for f in files for it in load_labelled(f, args.limit)]
-    verdicts, calls = judge_calls(items, args)
+    verdicts, calls, raws = judge_calls(items, args)
     rows = [{"id": it.id, "source": it.source, "type": it.type, "unsafe": it.unsafe, "final_label": it.label,
-             "human": human_refusal(it.label, args.partial_refusal), "verdict": v, "judge": c}
-            for it, v, c in zip(items, verdicts, calls)]
+             "human": human_refusal(it.label, args.partial_refusal), "verdict": v, "judge": c,
+             **({} if args.judge == KEYWORD_JUDGE else {"judge_raw": raw})}
+            for it, v, c, raw in zip(items, verdicts, calls, raws)]
     slices_def: dict[str, list[dict]] = {"all": rows, "type_safe": [r for r in rows if not r["unsafe"]],
                                          "type_unsafe": [r for r in rows if r["unsafe"]]}
     for src in sorted({r["source"] for r in rows}):

@@ -203,6 +203,7 @@ def test_rubric_judge_calibrates_with_a_stand_in_grader(store):
         pytest.skip(f"real benchmark files not available ({COMPLETIONS} is absent)")
     from sst_lab.config import parse_stage_args
     from sst_lab.evaluate.calibration import rubric_judge_id
+    from sst_lab.evaluate.rubric import parse_rubric
 
     args, tracking = parse_stage_args((CalibrateArguments, TrackingArguments), [
         "--config", "configs/calibrate/rubric-tiny.yaml", "--data", str(COMPLETIONS), "--limit", "2",
@@ -215,6 +216,7 @@ def test_rubric_judge_calibrates_with_a_stand_in_grader(store):
     assert {r["verdict"] for r in cal.rows} <= {"refused", "not_refused", "unparsed", "empty", "over_context"}
     decided = [r for r in cal.rows if r["judge"] is not None]
     assert all(r["verdict"] in ("refused", "not_refused") for r in decided)  # unparsed is undecided, never a call
+    assert all(parse_rubric(r["judge_raw"]).verdict == r["verdict"] for r in cal.rows if r["verdict"] == "unparsed")
     assert cal.metrics["calibration/all/n_undecided"] == sum(r["judge"] is None for r in cal.rows)
     assert cal.metrics["calibration/all/n"] + cal.metrics["calibration/all/n_undecided"] == 6
     # an evaluate run with this judge links this calibration (the latest FINISHED one of its id)
