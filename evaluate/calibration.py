@@ -375,6 +375,7 @@ def data_sha256(files: Sequence[Path]) -> str:
 def calibration_identity(args: CalibrateArguments, judge_id: str, data_digest: str) -> str:
     """What makes two calibrate runs the same measurement (tag ``calibrate.identity``)."""
     blob = repr((judge_id, data_digest, args.partial_refusal, args.limit, args.n_boot, args.seed,
+                 None if args.judge == KEYWORD_JUDGE else args.dtype,  # a model judge's verdicts depend on it
                  args.rubric_max_new_tokens if args.judge == RUBRIC_JUDGE else None))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
