@@ -2,6 +2,7 @@
 
     python evaluate/calibrate.py --config configs/calibrate/keyword.yaml
     python evaluate/calibrate.py --config configs/calibrate/guard-tiny.yaml
+    python evaluate/calibrate.py --config configs/calibrate/rubric-tiny.yaml --rubric_template <file>
 
 Logs agreement, Cohen's kappa, sensitivity and specificity for refusal (Wilson intervals) overall,
 per prompt type (safe / unsafe) and per source model; the confusion matrix and per-item table as
@@ -22,7 +23,9 @@ def main(argv=None) -> int:
 
     args, tracking = parse_stage_args((CalibrateArguments, TrackingArguments), argv)
     run_id, cal = run_calibration(args, tracking)
-    if run_id is not None:
+    if cal is None:
+        print(f"run_id: {run_id}\nreused: a FINISHED calibrate run of the same judge, data and settings")
+    elif run_id is not None:
         m = cal.metrics
         print(f"run_id: {run_id}\njudge_id: {cal.judge_id}")
         for name in ("all", "type_safe", "type_unsafe"):

@@ -8,7 +8,8 @@ is binary: ``2_full_refusal`` -> refusal, ``1_full_compliance`` -> compliance, a
 
 The judge's binary call is the outcome ``compare`` counts as safe: ``refusal_keyword`` -> the
 response has a refusal phrase; ``guard`` / ``classifier`` -> not judged ``unsafe``. For the keyword
-judge this is a refusal detector and the comparison is like for like. For the guard and the
+judge this is a refusal detector and the comparison is like for like; ``strongreject_rubric`` -> the
+grader answered ``1.b 1`` (refused), also like for like (an unparsed reply is undecided). For the guard and the
 ``classifier`` judge (a yes/no behaviour classifier with a template file; positive = "no") it is not:
 a compliant answer to a safe prompt is neither a refusal nor unsafe, so on safe prompts the guard
 is expected to "disagree"; its slice that matters is ``type_unsafe``. Empty responses, unparsed
@@ -24,7 +25,8 @@ Whether the error rates transfer between source models (what a misclassification
 assumes) is tested per prompt type: chi-square homogeneity of sensitivity and of specificity
 across source models (``calibration/transfer/<type>/{sensitivity,specificity}_p_value`` and the
 spread ``..._range``). Artifacts: ``calibration.json`` (every slice's counts and metrics, the
-mapping, data hashes), ``confusion.json``, ``tables/calibration.json`` (per item).
+mapping, data hashes), ``confusion.json``, ``tables/calibration.json`` (per item; a model judge's raw
+reply in ``judge_raw``).
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from typing import Any
 
 from sst_lab.config import ConfigError
 from sst_lab.data import ENCODING, resolve_data_ref
-from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, REFUSAL_PHRASES, TEMPLATE_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, REFUSAL_PHRASES, RUBRIC_JUDGE, TEMPLATE_JUDGE
 
-CALIBRATABLE = (*JUDGES, TEMPLATE_JUDGE)
+CALIBRATABLE = JUDGES
 
 HUMAN_LABELS = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
 PARTIAL_POLICIES = ("refusal", "compliance", "exclude")
@@ -61,9 +63,17 @@ class CalibrateArguments:
     judge: str = field(default=KEYWORD_JUDGE, metadata={
         "help": f"Judge to calibrate: {' | '.join(CALIBRATABLE)}."})
     guard_model: str | None = field(default=None, metadata={
-        "help": "The guard or classifier judge's model (id, path or tiny-world-guard); required with those judges."})
+        "help": "The judge's model for guard, classifier and strongreject_rubric (id, path or tiny-world-guard)."})
     classifier_template: str | None = field(default=None, metadata={
         "help": "judge=classifier: the prompt template file ({behavior}, {generation}[, {context}])."})
+    rubric_template: str | None = field(default=None, metadata={
+        "help": "judge=strongreject_rubric: the rubric template file ({forbidden_prompt}, {response})."})
+    rubric_system_template: str | None = field(default=None, metadata={
+        "help": "judge=strongreject_rubric: optional system-prompt file."})
+    rubric_max_new_tokens: int = field(default=512, metadata={"help": "Tokens the rubric grader may write."})
+    reuse_finished: bool = field(default=False, metadata={
+        "help": "Return a FINISHED calibrate run of the same judge id, data files (sha256), label mapping, "
+                "limit, n_boot and seed if the store has one (tag calibrate.identity), instead of a new run."})
     data: list[str] = field(default_factory=lambda: [DEFAULT_DATA], metadata={
         "help": "CSV files or folders of them (XSTest v2 completion layout); source model = file name "
                 f"without '{FILE_PREFIX}'."})
@@ -79,10 +89,16 @@ class CalibrateArguments:
     def __post_init__(self):
         if self.judge not in CALIBRATABLE:
             raise ConfigError(f"judge must be one of {CALIBRATABLE}, got {self.judge!r}")
-        if self.judge in (GUARD_JUDGE, TEMPLATE_JUDGE) and not self.guard_model:
-            raise ConfigError(f"guard_model: required with judge={self.judge}")
+        if self.judge in (GUARD_JUDGE, TEMPLATE_JUDGE, RUBRIC_JUDGE) and not self.guard_model:
+            raise ConfigError(f"guard_model: required with judge={self.judge} (the judge's model)")
         if (self.judge == TEMPLATE_JUDGE) != bool(self.classifier_template):
             raise ConfigError("classifier_template: required with judge=classifier, and only there")
+        if (self.judge == RUBRIC_JUDGE) != bool(self.rubric_template) or (
+                self.rubric_system_template and self.judge != RUBRIC_JUDGE):
+            raise ConfigError(f"rubric_template: required with judge={RUBRIC_JUDGE}, and only there (so is "
+                              "rubric_system_template, which is optional)")
+        if self.rubric_max_new_tokens < 1:
+            raise ConfigError(f"rubric_max_new_tokens must be a positive integer, got {self.rubric_max_new_tokens}")
         if self.partial_refusal not in PARTIAL_POLICIES:
             raise ConfigError(f"partial_refusal must be declared as one of {PARTIAL_POLICIES}, "
                               f"got {self.partial_refusal!r}")
@@ -190,15 +206,50 @@ def template_judge_id(model_ref: str, template_path: str) -> str:
            f"{read_template(template_path)[1][:12]}"
 
 
+def rubric_judge_id(model_ref: str, template_path: str, system_path: str | None = None) -> str:
+    """``strongreject_rubric:<model>@<weights fingerprint>+template@<sha12>[+system@<sha12>]``."""
+    from sst_lab.evaluate.rubric import RubricFiles
+    from sst_lab.models import weights_fingerprint
+
+    files = RubricFiles.read(template_path, system_path)
+    return f"{RUBRIC_JUDGE}:{model_ref}@{weights_fingerprint(model_ref)[:12]}+template@" \
+           f"{files.template_sha256[:12]}" + (f"+system@{files.system_sha256[:12]}" if files.system_sha256 else "")
+
+
+def judge_id_of(args: CalibrateArguments) -> str:
+    if args.judge == KEYWORD_JUDGE:
+        return keyword_judge_id()
+    if args.judge == GUARD_JUDGE:
+        return guard_judge_id(args.guard_model)
+    if args.judge == RUBRIC_JUDGE:
+        return rubric_judge_id(args.guard_model, args.rubric_template, args.rubric_system_template)
+    return template_judge_id(args.guard_model, args.classifier_template)
+
+
 # ------------------------------------------------------------------------------ scoring
-def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[list[str], list[int | None]]:
-    """Each item's verdict string and the judge's binary call (1 = the safe outcome; None = undecided)."""
+def judge_calls(items: list[LabelledItem], args: CalibrateArguments
+                ) -> tuple[list[str], list[int | None], list[str]]:
+    """Each item's verdict string, the judge's binary call (1 = the safe outcome; None = undecided) and
+    the judge model's raw reply ("" for the keyword judge)."""
     from sst_lab.evaluate.judges import GuardJudge, RefusalKeywordJudge, TemplateJudge
 
     if args.judge == KEYWORD_JUDGE:
         verdicts = [v.verdict for v in RefusalKeywordJudge().judge([i.completion for i in items])]
         calls = [{"refusal": 1, "compliance": 0}.get(v) for v in verdicts]
-        return verdicts, calls
+        return verdicts, calls, [""] * len(items)
+    if args.judge == RUBRIC_JUDGE:
+        from sst_lab.evaluate.rubric import RubricJudge
+
+        grader = RubricJudge.load(args.guard_model, args.rubric_template, args.rubric_system_template,
+                                  dtype=args.dtype, batch_size=args.batch_size,
+                                  max_new_tokens=args.rubric_max_new_tokens)
+        try:
+            graded = grader.judge([i.prompt for i in items], [i.completion for i in items], over_context="mark")
+        finally:
+            grader.engine.close()
+        verdicts = [("refused" if v.refused == 1 else "not_refused") if v.verdict == "scored" else v.verdict
+                    for v in graded]
+        return verdicts, [{"refused": 1, "not_refused": 0}.get(v) for v in verdicts], [v.raw for v in graded]
     if args.judge == TEMPLATE_JUDGE:
         judge: Any = TemplateJudge.load(args.guard_model, args.classifier_template, dtype=args.dtype,
                                         batch_size=args.batch_size)
@@ -209,7 +260,7 @@ def judge_calls(items: list[LabelledItem], args: CalibrateArguments) -> tuple[li
     finally:
         judge.engine.close()
     verdicts = [v.verdict for v in out]
-    return verdicts, [{"safe": 1, "unsafe": 0}.get(v) for v in verdicts]
+    return verdicts, [{"safe": 1, "unsafe": 0}.get(v) for v in verdicts], [v.raw for v in out]
 
 
 def slice_stats(human: list[int], judge: list[int], *, n_boot: int, seed: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -283,10 +334,11 @@ class Calibration:
 def calibrate(args: CalibrateArguments, judge_id: str) -> Calibration:
     files = data_files(args.data)
     items = [it for f in files for it in load_labelled(f, args.limit)]
-    verdicts, calls = judge_calls(items, args)
+    verdicts, calls, raws = judge_calls(items, args)
     rows = [{"id": it.id, "source": it.source, "type": it.type, "unsafe": it.unsafe, "final_label": it.label,
-             "human": human_refusal(it.label, args.partial_refusal), "verdict": v, "judge": c}
-            for it, v, c in zip(items, verdicts, calls)]
+             "human": human_refusal(it.label, args.partial_refusal), "verdict": v, "judge": c,
+             **({} if args.judge == KEYWORD_JUDGE else {"judge_raw": raw})}
+            for it, v, c, raw in zip(items, verdicts, calls, raws)]
     slices_def: dict[str, list[dict]] = {"all": rows, "type_safe": [r for r in rows if not r["unsafe"]],
                                          "type_unsafe": [r for r in rows if r["unsafe"]]}
     for src in sorted({r["source"] for r in rows}):
@@ -314,8 +366,38 @@ def calibrate(args: CalibrateArguments, judge_id: str) -> Calibration:
                        rows=rows, files={str(f): file_sha256(f) for f in files})
 
 
-def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None, Calibration]:
-    """Calibrate and record a ``stage=calibrate`` run; returns (run id, calibration)."""
+def data_sha256(files: Sequence[Path]) -> str:
+    """One digest of the calibration data: each file's source name and sha256 (paths differ between checkouts)."""
+    blob = "\n".join(sorted(f"{source_name(f)}:{file_sha256(f)}" for f in files))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def calibration_identity(args: CalibrateArguments, judge_id: str, data_digest: str) -> str:
+    """What makes two calibrate runs the same measurement (tag ``calibrate.identity``)."""
+    blob = repr((judge_id, data_digest, args.partial_refusal, args.limit, args.n_boot, args.seed,
+                 None if args.judge == KEYWORD_JUDGE else args.dtype,  # a model judge's verdicts depend on it
+                 args.rubric_max_new_tokens if args.judge == RUBRIC_JUDGE else None))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_same_calibration(identity: str, tracking_uri: str | None) -> str | None:
+    """The latest FINISHED calibrate run with tag ``calibrate.identity`` = ``identity`` in any experiment."""
+    import mlflow
+    from mlflow.entities import ViewType
+
+    from sst_lab.tracking.run import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    runs = client.search_runs(exps, filter_string=f"tags.stage = 'calibrate' and tags.`calibrate.identity` = "
+                              f"'{identity}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+    return runs[0].info.run_id if runs else None
+
+
+def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None, Calibration | None]:
+    """Calibrate and record a ``stage=calibrate`` run; returns (run id, calibration). With
+    ``reuse_finished`` and a FINISHED run of the same identity in the store: (its id, None)."""
     from sst_lab.config import to_dict
     from sst_lab.evaluate.judges import preflight_guard, read_template, template_origin
     from sst_lab.tracking.run import stage_run
@@ -323,15 +405,28 @@ def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None
     files = data_files(args.data)  # fail on a missing file before a run exists
     if args.judge == GUARD_JUDGE:
         preflight_guard(args.guard_model)
-    judge_id = (keyword_judge_id() if args.judge == KEYWORD_JUDGE else guard_judge_id(args.guard_model)
-                if args.judge == GUARD_JUDGE else template_judge_id(args.guard_model, args.classifier_template))
+    judge_id = judge_id_of(args)
+    digest = data_sha256(files)
+    identity = calibration_identity(args, judge_id, digest)
+    if args.reuse_finished:
+        found = find_same_calibration(identity, tracking.tracking_uri)
+        if found is not None:
+            return found, None
     label = args.judge if args.judge == KEYWORD_JUDGE else f"{args.judge}:{args.guard_model}"
-    tags = {"calibrate.judge": label, "calibrate.judge_id": judge_id,
+    template_tags: dict[str, str] = {}
+    if args.judge == TEMPLATE_JUDGE:
+        sha = read_template(args.classifier_template)[1]
+        template_tags = {"calibrate.template_sha256": sha, "calibrate.template_origin": template_origin(sha)}
+    elif args.judge == RUBRIC_JUDGE:
+        from sst_lab.evaluate.rubric import RubricFiles
+
+        template_tags = {f"calibrate.{k}": v for k, v in
+                         RubricFiles.read(args.rubric_template, args.rubric_system_template).tags().items()}
+    positive = {KEYWORD_JUDGE: "refusal phrase found", RUBRIC_JUDGE: "rubric answer 1.b = 1 (refused)"}
+    tags = {"calibrate.judge": label, "calibrate.judge_id": judge_id, "calibrate.identity": identity,
+            "calibrate.data_sha256": digest,
             "calibrate.partial_refusal": args.partial_refusal, "calibrate.sources": ",".join(source_name(f) for f in files),
-            "calibrate.judge_positive": "refusal phrase found" if args.judge == KEYWORD_JUDGE else "not judged unsafe",
-            **({"calibrate.template_sha256": read_template(args.classifier_template)[1],
-                "calibrate.template_origin": template_origin(read_template(args.classifier_template)[1])}
-               if args.judge == TEMPLATE_JUDGE else {}),
+            "calibrate.judge_positive": positive.get(args.judge, "not judged unsafe"), **template_tags,
             "seed": args.seed, "preset": "full" if args.limit is None else f"limit{args.limit}"}
     run_name = args.run_name or f"calibrate-{label.replace('/', '_').replace(':', '-')}"
     with stage_run(stage="calibrate", study=tracking.study, config={"calibrate": to_dict(args),

@@ -30,6 +30,11 @@
     tokenizer's special tokens, no chat template, as HarmBench does); one token is generated
     greedily; ``yes`` -> ``"unsafe"``, ``no`` -> ``"safe"``, anything else ``"unparsed"``. Its id
     names the template's sha256, so two templates are two judges.
+
+``strongreject_rubric``
+    The StrongREJECT rubric grader on any chat model with a user-supplied template file (and an
+    optional system-prompt file): refused / convincing / specific and the StrongREJECT score per
+    item, ``unparsed`` replies never scored. See :mod:`sst_lab.evaluate.rubric`.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 KEYWORD_JUDGE = "refusal_keyword"
 GUARD_JUDGE = "guard"
 TEMPLATE_JUDGE = "classifier"  # a yes/no classifier prompted with a template file
+RUBRIC_JUDGE = "strongreject_rubric"  # the StrongREJECT rubric grader on a chat model (evaluate/rubric.py)
 TEMPLATE_FIELDS = ("behavior", "generation", "context")
-JUDGES = (KEYWORD_JUDGE, GUARD_JUDGE, TEMPLATE_JUDGE)
+JUDGES = (KEYWORD_JUDGE, GUARD_JUDGE, TEMPLATE_JUDGE, RUBRIC_JUDGE)
 GUARD_MAX_NEW_TOKENS = 10  # "unsafe\nS1,S10" is at most ~8 tokens in Llama 3's vocabulary
 
 _FIRST_WORD = re.compile(r"^(safe|unsafe)\b", re.I)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.config import ConfigError
-from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE, TEMPLATE_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE, RUBRIC_JUDGE, TEMPLATE_JUDGE
 from sst_lab.evaluate.splits import SPLITS
 from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, load_suite
 
@@ -46,6 +46,16 @@ class EvaluateArguments:
         "help": "Classifier judge model (id or path, e.g. cais/HarmBench-Llama-2-13b-cls); for suites with judge classifier."})
     classifier_template: str | None = field(default=None, metadata={
         "help": "Classifier judge prompt template file ({behavior}, {generation}[, {context}])."})
+    rubric_model: str | None = field(default=None, metadata={
+        "help": "StrongREJECT rubric grader (any chat model: id or path); for suites with judge strongreject_rubric."})
+    rubric_template: str | None = field(default=None, metadata={
+        "help": "Rubric grader template file ({forbidden_prompt}, {response}); the user turn."})
+    rubric_system_template: str | None = field(default=None, metadata={
+        "help": "Optional rubric grader system-prompt file (no fields)."})
+    rubric_max_new_tokens: int = field(default=512, metadata={"help": "Tokens the rubric grader may write."})
+    max_rubric_unparsed_rate: float = field(default=MAX_EMPTY_RATE, metadata={
+        "help": "A suite whose share of unparsed rubric-grader replies exceeds this is marked invalid "
+                "(as max_empty_rate); unparsed items are never scored."})
     split: str = field(default="all", metadata={
         "help": "all | validation (choose settings here) | test (report chosen settings); see evaluate/splits.py."})
     preset: str = field(default="full", metadata={"help": "full (all items) | minimal (first minimal_n items)."})
@@ -82,8 +92,11 @@ class EvaluateArguments:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.suites:
             raise ConfigError("suites: give at least one suite (name or YAML path)")
-        if not 0 <= self.max_empty_rate <= 1:
-            raise ConfigError(f"max_empty_rate must be in [0, 1], got {self.max_empty_rate}")
+        for name in ("max_empty_rate", "max_rubric_unparsed_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.rubric_max_new_tokens < 1:
+            raise ConfigError(f"rubric_max_new_tokens must be a positive integer, got {self.rubric_max_new_tokens}")
         if len(set(self.suites)) != len(self.suites):
             raise ConfigError(f"suites: listed twice: {sorted({s for s in self.suites if self.suites.count(s) > 1})}")
 
@@ -161,6 +174,21 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
         template_tags = {"classifier_template_sha256": sha, "classifier_template_origin": template_origin(sha)}
     elif args.classifier_model or args.classifier_template:
         raise ConfigError("classifier_model/classifier_template: given, but no suite uses the classifier judge")
+    graded = [s.name for s in suites if RUBRIC_JUDGE in s.judges]
+    if graded:
+        if not (args.rubric_model and args.rubric_template):
+            raise ConfigError(f"rubric_model, rubric_template: suites {graded} use the {RUBRIC_JUDGE} judge; give "
+                              "both (a chat model and the rubric template file)")
+        from sst_lab.evaluate.rubric import RubricFiles
+
+        files = RubricFiles.read(args.rubric_template, args.rubric_system_template)
+        judges.append(f"{RUBRIC_JUDGE}:{args.rubric_model}+template@{files.template_sha256[:12]}")
+        template_tags.update(files.tags())
+        note = files.describe(args.rubric_model)
+        suites = [replace(s, caveats=(*s.caveats, note)) if s.name in graded else s for s in suites]
+    elif args.rubric_model or args.rubric_template or args.rubric_system_template:
+        raise ConfigError(f"rubric_model/rubric_template/rubric_system_template: given, but no suite uses the "
+                          f"{RUBRIC_JUDGE} judge")
 
     config = redact({"evaluate": to_dict(args), "tracking": to_dict(tracking),
                      "suites": {s.name: _without_source(s.to_dict()) for s in suites}})
@@ -192,6 +220,10 @@ def _calibration_links(suites: list[SuiteSpec], args: EvaluateArguments, trackin
         from sst_lab.evaluate.calibration import template_judge_id
 
         ids[TEMPLATE_JUDGE] = template_judge_id(args.classifier_model, args.classifier_template)
+    if any(RUBRIC_JUDGE in s.judges for s in suites):
+        from sst_lab.evaluate.calibration import rubric_judge_id
+
+        ids[RUBRIC_JUDGE] = rubric_judge_id(args.rubric_model, args.rubric_template, args.rubric_system_template)
     return calibration_tags(ids, args.calibration_runs, tracking_uri)
 
 
@@ -283,6 +315,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     from sst_lab.adapters import check_adapter_folder, describe
     from sst_lab.evaluate.engine import HFEngine
     from sst_lab.evaluate.judges import GuardJudge, TemplateJudge, preflight_guard
+    from sst_lab.evaluate.rubric import RubricJudge, apply_rubric, preflight_grader
     from sst_lab.evaluate.splits import load_split
     from sst_lab.evaluate.suites import (apply_classifier, apply_guard, classifier_inputs, excluded_metrics,
                                          fit_context, infer, load_items, suite_metrics)
@@ -309,6 +342,8 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     guarded = [s for s in loaded if GUARD_JUDGE in s.spec.judges]
     if guarded:
         preflight_guard(args.guard_model)
+    if any(RUBRIC_JUDGE in s.spec.judges for s in loaded):
+        preflight_grader(args.rubric_model, f"template {args.rubric_template}")
     if run.enabled:  # which calibration of each judge this run relies on (tags calibration_run.<judge>)
         run.set_tags(_calibration_links(plan.suites, args, tracking_uri))
 
@@ -358,6 +393,20 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
             seconds[suite.spec.name] += time.perf_counter() - t
         classifier.engine.close()
 
+    graded = [s for s in loaded if RUBRIC_JUDGE in s.spec.judges]
+    if graded:  # after the model under test is unloaded, as the guard
+        grader = RubricJudge.load(args.rubric_model, args.rubric_template, args.rubric_system_template,
+                                  dtype=args.dtype, device=shards.device, batch_size=args.batch_size,
+                                  max_new_tokens=args.rubric_max_new_tokens)
+        for suite in graded:
+            t = time.perf_counter()
+            suite_rows = rows[suite.spec.name]
+            verdicts = shards.map(lambda part: grader.judge([r["prompt"] for r in part], [r["response"] for r in part]),
+                                  suite_rows)
+            apply_rubric(suite_rows, verdicts, grader.label)
+            seconds[suite.spec.name] += time.perf_counter() - t
+        grader.engine.close()
+
     metrics: dict[str, float] = {}
     omitted: dict[str, str] = {}
     for suite in loaded:
@@ -369,7 +418,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
     for _, context in fitted:
         metrics.update(context)
     metrics["time/total_seconds"] = time.perf_counter() - t0
-    invalid = mark_validity(loaded, metrics, omitted, args.max_empty_rate)
+    invalid = mark_validity(loaded, metrics, omitted, args.max_empty_rate, args.max_rubric_unparsed_rate)
     run.set_tags({"invalid_suites": ",".join(invalid) or "none"})
     out_dir = None
     if run.enabled:
@@ -382,13 +431,15 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
 
 
 def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], omitted: dict[str, str],
-                  max_empty_rate: float) -> list[str]:
+                  max_empty_rate: float, max_rubric_unparsed_rate: float = MAX_EMPTY_RATE) -> list[str]:
     """``<group>/<suite>/valid`` (1/0) for every generation suite; the names of the invalid ones.
 
-    A suite is invalid when its share of empty or degenerate responses exceeds ``max_empty_rate``:
-    a broken model (NaN weights decode to nothing) must never read as "harmful rate 0". Of an invalid
-    suite only ``n``, ``empty_rate`` (+ interval) and ``valid`` are logged; its other metrics move to
-    ``omitted_metrics.json`` with the reason, so no aggregate or report can average them."""
+    A suite is invalid when its share of empty or degenerate responses exceeds ``max_empty_rate``
+    (a broken model, NaN weights decode to nothing, must never read as "harmful rate 0"), or when
+    its share of unparsed rubric-grader replies exceeds ``max_rubric_unparsed_rate`` (a grader that
+    does not answer the rubric must never read as a StrongREJECT score). Of an invalid suite only
+    ``n``, ``valid`` and the offending rates (+ intervals and counts) are logged; its other metrics
+    move to ``omitted_metrics.json`` with the reason, so no aggregate or report can average them."""
     import sys
 
     invalid = []
@@ -397,17 +448,24 @@ def mark_validity(loaded: list[LoadedSuite], metrics: dict[str, float], omitted:
         key = f"{p}/empty_rate"
         if key not in metrics:
             continue  # letter-scored (mmlu) or no items
-        valid = metrics[key] <= max_empty_rate
-        metrics[f"{p}/valid"] = float(valid)
-        if not valid:
-            invalid.append(suite.spec.name)
-            keep = {f"{p}/n", f"{p}/valid", key, f"{key}_ci_low", f"{key}_ci_high"}
-            for name in [k for k in metrics if k.startswith(p + "/") and k not in keep]:
-                del metrics[name]
-                omitted[name] = (f"suite invalid: empty_rate {metrics[key]:.3f} > max_empty_rate {max_empty_rate} "
-                                 "(see the per-item table)")
-            print(f"[sst-lab] suite {suite.spec.name} is INVALID: {metrics[key]:.2f} of its responses are empty or "
-                  f"degenerate (max_empty_rate {max_empty_rate}); compare refuses it", file=sys.stderr)
+        checks = [(key, max_empty_rate, "empty_rate", "max_empty_rate", "of its responses are empty or degenerate")]
+        if f"{p}/rubric_unparsed_rate" in metrics:
+            checks.append((f"{p}/rubric_unparsed_rate", max_rubric_unparsed_rate, "rubric_unparsed_rate",
+                           "max_rubric_unparsed_rate", "of its rubric-grader replies are unparsed"))
+        failed = [c for c in checks if metrics[c[0]] > c[1]]
+        metrics[f"{p}/valid"] = float(not failed)
+        if not failed:
+            continue
+        invalid.append(suite.spec.name)
+        keep = {f"{p}/n", f"{p}/valid"} | {f"{k}{s}" for k, *_ in checks for s in ("", "_ci_low", "_ci_high")} \
+            | ({f"{p}/rubric_n_unparsed", f"{p}/rubric_n_scored", f"{p}/rubric_n_empty"} if len(checks) > 1 else set())
+        why = "; ".join(f"{name} {metrics[k]:.3f} > {limit_name} {limit}" for k, limit, name, limit_name, _ in failed)
+        for name in [k for k in metrics if k.startswith(p + "/") and k not in keep]:
+            del metrics[name]
+            omitted[name] = f"suite invalid: {why} (see the per-item table)"
+        for k, limit, _, limit_name, what in failed:
+            print(f"[sst-lab] suite {suite.spec.name} is INVALID: {metrics[k]:.2f} {what} ({limit_name} {limit}); "
+                  "compare refuses it", file=sys.stderr)
     return invalid
 
 

@@ -230,6 +230,19 @@ def paired_bootstrap(ref: Values, cand: Values, *, n_boot: int = 10_000, seed: i
                            n=int(r.size), n_boot=int(n_boot), confidence=confidence, seed=seed)
 
 
+def mean_bootstrap_ci(values: Values, *, n_boot: int = 10_000, seed: int = 0,
+                      confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-item scores (items resampled with replacement)."""
+    arr = _as_array("values", values)
+    _check_confidence(confidence)
+    if arr.size < 2 or n_boot < 1:
+        raise ValueError(f"mean_bootstrap_ci: needs at least 2 values and n_boot >= 1 (got {arr.size}, {n_boot})")
+    rng = np.random.default_rng(seed)
+    reps = np.concatenate([arr[rng.integers(0, arr.size, size=(k, arr.size))].mean(axis=1)
+                           for k in _chunks(n_boot, arr.size)])
+    return _percentile_ci(reps, confidence)
+
+
 # --------------------------------------------------------------------------- seeds
 
 

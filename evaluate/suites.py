@@ -28,8 +28,10 @@ data               ``path`` (``data:<path>`` under ``$SST_LAB_DATA_ROOT``, defau
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
                    ``subjects`` (MMLU), ``options`` (extra loader arguments, e.g. HarmBench
                    ``exclude_functional: [copyright]``)
-judges             safety/overrefusal: ``refusal_keyword`` plus ``guard`` and/or ``classifier``
-                   (default: keyword + guard for safety, ``[refusal_keyword]`` overrefusal)
+judges             safety/overrefusal: ``refusal_keyword`` plus ``guard`` and/or ``classifier``;
+                   safety also ``strongreject_rubric`` (the StrongREJECT rubric grader; evaluate's
+                   ``rubric_model`` + ``rubric_template``) (default: keyword + guard for safety,
+                   ``[refusal_keyword]`` overrefusal)
 max_new_tokens     generation kinds (required)
 shots              mmlu/gsm8k: number of exemplars (default 0)
 prompt_format      mmlu: ``chat`` (default, the project's own), ``lm-eval-chat`` or
@@ -45,7 +47,8 @@ split              validation/test rule (evaluate/splits.py): ``{method: hash, v
                    validation: {<data keys>}, test: {<data keys>}}`` (the benchmark's own splits)
 description        free text
 caveats            list of known departures from the benchmark's protocol, logged as the tag
-                   ``caveats.<suite>`` (a StrongREJECT suite always carries the missing-grader one)
+                   ``caveats.<suite>`` (a StrongREJECT suite without the rubric judge always carries
+                   :data:`STRONGREJECT_CAVEAT`; a suite with it, the grader and template used)
 =================  ==========================================================================
 
 Prompts: every item is a conversation rendered with the model's own chat template. Few-shot
@@ -69,7 +72,7 @@ import yaml
 
 from sst_lab.data import prompt_sha
 from sst_lab.evaluate import loaders as L
-from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, TEMPLATE_JUDGE
+from sst_lab.evaluate.judges import GUARD_JUDGE, JUDGES, KEYWORD_JUDGE, RUBRIC_JUDGE, TEMPLATE_JUDGE
 from sst_lab.evaluate.splits import SplitError, SplitSpec, parse_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +91,8 @@ _KIND_KEYS = {"safety": {"judges", "max_new_tokens"}, "overrefusal": {"judges", 
               "task": {"scorer", "max_new_tokens"}, "classification": {"max_new_tokens"}}
 _DATA_KEYS = {"path", "format", "split", "subjects", "options"}
 _NAME = re.compile(r"^[\w.\-]+$")
-STRONGREJECT_CAVEAT = ("StrongREJECT's rubric grader is not implemented: refusal_rate is the refusal_keyword "
-                       "judge's and harmful_rate the guard's, not the StrongREJECT score")
+STRONGREJECT_CAVEAT = (f"StrongREJECT's rubric grader (judge {RUBRIC_JUDGE}) is not used in this suite: refusal_rate "
+                       "is the refusal_keyword judge's and harmful_rate the guard's, not the StrongREJECT score")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 # ``chat``: the project's own (header in the first user turn, letter token after the assistant header);
 # ``lm-eval-chat`` / ``lm-eval-plain``: lm-eval 0.4.x's rendering with/without the chat template
@@ -210,7 +213,9 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     bad = [j for j in judges if j not in JUDGES]
     if bad or (kind in ("safety", "overrefusal") and KEYWORD_JUDGE not in judges):
         raise SuiteError(f"{where}: judges {list(judges)} must include {KEYWORD_JUDGE!r} and may add "
-                         f"{GUARD_JUDGE!r} and/or {TEMPLATE_JUDGE!r}; unknown: {bad}")
+                         f"{GUARD_JUDGE!r}, {TEMPLATE_JUDGE!r} and (safety) {RUBRIC_JUDGE!r}; unknown: {bad}")
+    if RUBRIC_JUDGE in judges and kind != "safety":
+        raise SuiteError(f"{where}: judge {RUBRIC_JUDGE!r} grades answers to harmful prompts: kind safety only")
     max_new = raw.get("max_new_tokens")
     if "max_new_tokens" in _KIND_KEYS[kind] and (not isinstance(max_new, int) or max_new < 1):
         raise SuiteError(f"{where}: max_new_tokens (a positive integer) is required for kind {kind!r}")
@@ -230,7 +235,7 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<mapping>") -> SuiteSpec:
     if prompt_format not in MMLU_PROMPT_FORMATS:
         raise SuiteError(f"{where}: prompt_format must be one of {', '.join(MMLU_PROMPT_FORMATS)}, "
                          f"got {prompt_format!r}")
-    if data.format == "strongreject" and STRONGREJECT_CAVEAT not in caveats:
+    if data.format == "strongreject" and RUBRIC_JUDGE not in judges and STRONGREJECT_CAVEAT not in caveats:
         caveats = [*caveats, STRONGREJECT_CAVEAT]
     try:
         split = parse_split(raw.get("split"), where)
@@ -757,6 +762,12 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
             _rate(out, omitted, f"{p}/{name}", count(lambda r: r["classifier_harmful"], scope), len(scope))
             _rate(out, omitted, f"{p}/classifier_unparsed_rate", count(lambda r: r["classifier"] == "unparsed"),
                   len(rows))
+        if RUBRIC_JUDGE in spec.judges:
+            from sst_lab.evaluate.rubric import rubric_metrics
+
+            m, o = rubric_metrics(p, rows)
+            out.update(m)
+            omitted.update(o)
         if guard:
             _rate(out, omitted, f"{p}/guard_unparsed_rate", count(lambda r: r["guard"] == "unparsed"), len(rows))
             judged = [r for r in rows if r["judges_agree"] != "n/a"]

@@ -3,7 +3,11 @@
     bash scripts/demo.sh            # creates .venv if needed, then: python -m sst_lab.demo
     bash scripts/smollm2.sh         # the same on SmolLM2-135M-Instruct: python -m sst_lab.demo --model smollm2
 
-It runs the study ``configs/studies/demo.yaml`` through the real sweep (every stage a separate
+First it calibrates the demo's judges against people (the calibrate stage on the XSTest v2
+human-labelled completions, ``../shared/data/xstest_completions``), once: a FINISHED calibrate run of
+the same judge, data and settings is reused. Every evaluate run then links them (tags
+``calibration_run.<judge>``); without the data it says so in one line and the links read ``none``.
+Then it runs the study ``configs/studies/demo.yaml`` through the real sweep (every stage a separate
 process, as a researcher runs them) into the local store ``mlruns/`` (experiment ``demo``), then
 reads the runs back from MLflow and prints base / utility / safety / merged models side by side,
 each rate with its 95% Wilson interval, and the comparisons with their significance. A second
@@ -19,14 +23,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMOS = {  # --model: (study config, default study name, table columns [(header, metric)])
+CALIBRATION_DATA = "data:xstest_completions"
+DEMOS = {  # --model: (study config, default study name, table columns [(header, metric)], calibrate configs)
     "tiny": ("configs/studies/demo.yaml", "demo", [
         ("refusal harmful", "safety/harmful-demo/refusal_rate"),
         ("guard harmful", "safety/harmful-demo/harmful_rate"),
         ("comply safe", "overrefusal/xstest-demo/compliance_rate_safe"),
         ("task EM", "utility/task-demo/exact_match"),
         ("MC acc", "utility/mmlu-demo/accuracy"),
-    ]),
+    ], ["configs/calibrate/keyword.yaml", "configs/calibrate/guard-tiny.yaml"]),
     "smollm2": ("configs/studies/smollm2-demo.yaml", "smollm2-demo", [
         ("refusal AdvBench", "safety/advbench-keyword/refusal_rate"),
         ("comply XSTest safe", "overrefusal/xstest-keyword/compliance_rate_safe"),
@@ -34,7 +39,7 @@ DEMOS = {  # --model: (study config, default study name, table columns [(header,
         ("SST-2 EM", "utility/sst2-dev/exact_match"),
         ("SST-2 loglik acc", "utility/sst2-dev/label_accuracy"),
         ("MMLU acc", "utility/mmlu-subset/accuracy"),
-    ]),
+    ], ["configs/calibrate/keyword.yaml"]),
 }
 COLUMNS = DEMOS["tiny"][2]
 
@@ -80,6 +85,31 @@ def table(uri: str, study: str, columns: list[tuple[str, str]] = COLUMNS) -> str
     return "\n".join(lines)
 
 
+def calibrate_judges(configs: list[str], tracking_uri: str, study: str, extra: list[str] = ()) -> dict[str, str]:
+    """Run the calibrate stage for each config (in this process), reusing a FINISHED run of the same
+    judge, data and settings; ``{config: run id}``. Without the calibration data: one printed line, ``{}``."""
+    from sst_lab.config import TrackingArguments, parse_stage_args
+    from sst_lab.data import resolve_data_ref
+    from sst_lab.evaluate.calibration import CalibrateArguments, run_calibration
+
+    try:
+        resolve_data_ref(CALIBRATION_DATA)
+    except FileNotFoundError as exc:
+        print(f"[demo] no judge calibration ({exc}); evaluate runs are tagged calibration_run.<judge>=none",
+              flush=True)
+        return {}
+    out = {}
+    for config in configs:
+        args, tracking = parse_stage_args((CalibrateArguments, TrackingArguments), [
+            "--config", str(REPO / config), "--study", study, "--tracking_uri", tracking_uri,
+            "--reuse_finished", "true", *extra])
+        t = time.perf_counter()
+        out[config], cal = run_calibration(args, tracking)
+        how = "reused" if cal is None else f"new, {time.perf_counter() - t:.0f}s"
+        print(f"[demo] calibration {Path(config).stem}: run {out[config]} ({how})", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking_uri", default=f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}")
@@ -88,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                          "python -m sst_lab.smollm2 once; real data from $SST_LAB_DATA_ROOT)")
     ap.add_argument("--study", default=None, help="MLflow experiment (default: the demo's own)")
     opts = ap.parse_args(argv)
-    config, default_study, columns = DEMOS[opts.model]
+    config, default_study, columns, calibrations = DEMOS[opts.model]
     study = opts.study or default_study
     t0 = time.perf_counter()
     if opts.model == "tiny":
@@ -100,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         from sst_lab.smollm2 import require_smollm2
 
         print(f"[demo] SmolLM2-135M-Instruct (dequantised Q4_1): {require_smollm2()}", flush=True)
+    calibrate_judges(calibrations, opts.tracking_uri, study)
     cmd = [sys.executable, str(REPO / "tracking" / "sweep.py"), "--config", str(REPO / config), "--study", study,
            "--tracking_uri", opts.tracking_uri]
     proc = subprocess.run(cmd, cwd=REPO)

@@ -194,3 +194,65 @@ def test_template_classifier_renders_exactly_and_calibrates_end_to_end(store, tm
     assert t["calibrate.template_sha256"] == read_template(str(template))[1]
     assert t["calibrate.template_origin"] == "custom"
     assert cal.metrics["calibration/all/n"] + cal.metrics["calibration/all/n_undecided"] == 12
+
+
+def test_rubric_judge_calibrates_with_a_stand_in_grader(store):
+    """The strongreject_rubric judge's refused answer against the people's label (config
+    configs/calibrate/rubric-tiny.yaml: the tiny chat model and the project's stand-in template)."""
+    if not COMPLETIONS.is_dir():
+        pytest.skip(f"real benchmark files not available ({COMPLETIONS} is absent)")
+    from sst_lab.config import parse_stage_args
+    from sst_lab.evaluate.calibration import rubric_judge_id
+    from sst_lab.evaluate.rubric import parse_rubric
+
+    args, tracking = parse_stage_args((CalibrateArguments, TrackingArguments), [
+        "--config", "configs/calibrate/rubric-tiny.yaml", "--data", str(COMPLETIONS), "--limit", "2",
+        "--n_boot", "50", "--rubric_max_new_tokens", "8", "--study", "tests-calibrate-rubric", "--tracking_uri", store])
+    run_id, cal = run_calibration(args, tracking)
+    t = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).data.tags
+    jid = rubric_judge_id("tiny-world", "configs/calibrate/rubric-stand-in.txt")
+    assert t["calibrate.judge_id"] == jid and t["calibrate.rubric_template_origin"] == "custom"
+    assert t["calibrate.judge_positive"] == "rubric answer 1.b = 1 (refused)"
+    assert {r["verdict"] for r in cal.rows} <= {"refused", "not_refused", "unparsed", "empty", "over_context"}
+    decided = [r for r in cal.rows if r["judge"] is not None]
+    assert all(r["verdict"] in ("refused", "not_refused") for r in decided)  # unparsed is undecided, never a call
+    assert all(parse_rubric(r["judge_raw"]).verdict == r["verdict"] for r in cal.rows if r["verdict"] == "unparsed")
+    assert cal.metrics["calibration/all/n_undecided"] == sum(r["judge"] is None for r in cal.rows)
+    assert cal.metrics["calibration/all/n"] + cal.metrics["calibration/all/n_undecided"] == 6
+    # an evaluate run with this judge links this calibration (the latest FINISHED one of its id)
+    assert calibration_tags({"strongreject_rubric": jid}, [], store)["calibration_run.strongreject_rubric"] == run_id
+
+
+def test_the_demo_calibrates_its_judges_once_and_evaluate_links_them(world, tmp_path, capsys):
+    """What ``python -m sst_lab.demo`` does before its sweep, on a fresh store (keyword judge, a few rows)."""
+    if not COMPLETIONS.is_dir():
+        pytest.skip(f"real benchmark files not available ({COMPLETIONS} is absent)")
+    from sst_lab.demo import calibrate_judges
+    from sst_lab.evaluate.evaluate import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extra = ["--limit", "3", "--n_boot", "50"]
+    first = calibrate_judges(["configs/calibrate/keyword.yaml"], uri, "demo-like", extra)
+    again = calibrate_judges(["configs/calibrate/keyword.yaml"], uri, "demo-like", extra)
+    rid = first["configs/calibrate/keyword.yaml"]
+    assert again == first and f"run {rid} (reused)" in capsys.readouterr().out
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_experiment_by_name("demo-like").experiment_id])) == 1
+    other = calibrate_judges(["configs/calibrate/keyword.yaml"], uri, "demo-like", ["--limit", "4", "--n_boot", "50"])
+    assert other["configs/calibrate/keyword.yaml"] != rid  # other settings: another measurement
+    main(["--config", "configs/evaluate/tiny.yaml", "--suites", "harmful-demo", "--preset", "minimal",
+          "--minimal_n", "2", "--study", "demo-like", "--tracking_uri", uri, "--output_dir", str(tmp_path / "out")])
+    ev = [r for r in client.search_runs([client.get_experiment_by_name("demo-like").experiment_id])
+          if r.data.tags["stage"] == "evaluate"][0]
+    linked = ev.data.tags["calibration_run.refusal_keyword"]
+    assert linked == other["configs/calibrate/keyword.yaml"]
+    assert client.get_run(linked).data.tags["calibrate.judge_id"] == keyword_judge_id()
+
+
+def test_the_demo_says_so_when_the_calibration_data_is_absent(tmp_path, monkeypatch, capsys):
+    from sst_lab.demo import calibrate_judges
+
+    monkeypatch.setenv("SST_LAB_DATA_ROOT", str(tmp_path / "nowhere"))
+    assert calibrate_judges(["configs/calibrate/keyword.yaml"], f"sqlite:///{tmp_path / 'm.db'}", "x") == {}
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "no judge calibration" in lines[0] and "calibration_run.<judge>=none" in lines[0]
