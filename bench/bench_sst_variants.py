@@ -29,6 +29,9 @@ from pathlib import Path
 
 VARIANTS = {f"sst-{c}-{p}-{j}": ["--method", "sst", "--curvature", c, "--fisher_point", p, "--projection", j]
             for c in ("empirical", "sampled") for p in ("merged", "own") for j in ("metric", "euclidean")}
+# the defaults with 4x the Fisher examples: fisher_n 32 < r^2 = 64 (SmolLM2's merge config) leaves F_u
+# rank-deficient, so eps decides part of the spectrum (merge/README.md, Hazards); this measures how much
+VARIANTS["sst-sampled-merged-euclidean-n128"] = [*VARIANTS["sst-sampled-merged-euclidean"], "--fisher_n", "128"]
 VARIANTS["linear"] = ["--method", "linear"]
 VARIANTS["linear-w2"] = ["--method", "linear", "--weights", "1.0", "2.0"]  # = sst at k = r^2, alpha = 2
 MERGE_KEYS = ("fidelity/safety_ratio", "fidelity/utility_ratio", "fidelity/safety_measured_change",
@@ -134,7 +137,7 @@ def main() -> None:
     p.add_argument("--adapters_study", help="take seed s's adapters from this study's train runs of seed s")
     p.add_argument("--store", type=Path, help="sqlite file for the bench's own runs (default: temporary)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "linear-w2"])
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("linear-w2", "sst-sampled-merged-euclidean-n128")])
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--suites", nargs="+", help="default: the model's (MODELS)")
