@@ -63,6 +63,8 @@ def expand_selected(study: Study) -> list[Node]:
                     sel_args = {"family": family, "safety_metric": sel.safety_metric,
                                 "utility_metric": sel.utility_metric, "rule": sel.rule, "delta": sel.delta,
                                 "budget": len(labels)}
+                    if sel.fallback != "min_loss":  # the default stays out of the key: existing plans unchanged
+                        sel_args["fallback"] = sel.fallback
                     ups = {f"candidates#{i}": e for i, e in enumerate(cand_evals)}
                     ups["reference"] = util_val
                     sel_id = add(Node(f"select-{_SAFE.sub('_', family)}-{label}{sid}-s{seed}", "select", "select",
