@@ -19,7 +19,7 @@ sha256(``<seed>:<item id>``) order (kept in file order), e.g. an SST-2 validatio
     split: {method: data, validation: {path: "data:sst2/train.tsv", carve: 300}, test: {path: "data:sst2/dev.tsv"}}
 
 The train stage excludes such a part from its candidate rows (``exclude_items_of:
-[<suite>:validation]``, sst_lab.train.held_out), so evaluate's training-overlap check never meets
+[<suite>:validation]``, sst_lab.held_out), so evaluate's training-overlap check never meets
 it. Both splits are loaded and any shared item id (or prompt) is an error.
 
 ``split=all`` (the evaluate stage's default) scores every item, as before splits existed. With a

@@ -19,7 +19,7 @@ from sst_lab.data import load_training_records, sample, training_items
 from sst_lab.evaluate.pipeline import TrainingOverlapError, check_training_overlap
 from sst_lab.evaluate.splits import SplitError, load_split
 from sst_lab.evaluate.suites import load_items, load_suite
-from sst_lab.train.held_out import HELD_OUT_FILE, exclude_held_out, held_out_items
+from sst_lab.held_out import HELD_OUT_FILE, exclude_held_out, held_out_items
 
 WORDS = ["bright", "dull", "warm", "cold", "witty", "flat", "tender", "stale", "bold", "limp"]
 

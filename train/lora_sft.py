@@ -15,7 +15,7 @@ from sst_lab.io import atomic_dir, write_json_atomic
 from sst_lab.models import (ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path,
                             write_base_record)
 from sst_lab.redact import redact_text, redact_when_pickled
-from sst_lab.train.held_out import HELD_OUT_FILE, exclude_held_out, parse_ref
+from sst_lab.held_out import HELD_OUT_FILE, exclude_held_out, parse_ref
 
 ROLES = ("utility", "safety", "other")
 
