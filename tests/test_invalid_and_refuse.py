@@ -99,6 +99,13 @@ def test_selected_aggregate_leaves_an_invalid_seed_out_and_names_it(client):
     assert a.metrics["aggregate/n_invalid_seeds"] == 1 and aggs["b"].tags["aggregate.invalid_suites"] == "none"
     assert a.metrics[f"paired/b/{SAFE}/n"] == 2 and a.metrics[f"paired/b/{UTIL}/n"] == 3
     assert any("harm:2" in line for line in lines)
+    from sst_lab.tracking.selection_report import render_section
+
+    rows = {"rows": [{"model": "fake", "sample_size": "16", "family": fam, "chosen": "", "paired": {},
+                      "aggregate_run_id": "r", "invalid_suites": aggs[fam].tags["aggregate.invalid_suites"]}
+                     for fam in ("a", "b")], "safety_metric": SAFE, "utility_metric": UTIL}
+    html = render_section(rows)
+    assert "fake a: invalid suites (suite:seeds) harm:2" in html and "fake b:" not in html
 
 
 def _validation_runs(client, exp: str) -> tuple[str, list[str]]:

@@ -426,7 +426,7 @@ def invalid_notes(data: ReportData, size: str) -> list[str]:
     """One line per evaluate aggregate of this sample size (or size-free) with seeds whose suite was invalid."""
     out = []
     for a in data.aggs:
-        if a.stage in ("evaluate", "selected") and a.sample_size in (size, "none") and a.model in data.models:
+        if a.stage == "evaluate" and a.sample_size in (size, "none") and a.model in data.models:
             for suite, seeds in sorted(a.invalid_seeds().items()):
                 who = a.role if a.method == "none" else f"{a.role} {a.method}"
                 out.append(f"{a.model} {who}: suite {suite} was invalid (too many empty or degenerate responses) "

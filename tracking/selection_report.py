@@ -147,7 +147,8 @@ def selection_section(client: Any, experiment_id: str, work: Path, safety_metric
         t, m = r.data.tags, r.data.metrics
         row = {"aggregate_run_id": r.info.run_id, "model": t["aggregate.model"], "sample_size": t["aggregate.sample_size"],
                "family": t["aggregate.method"], "seeds": t["aggregate.seeds"],
-               "chosen": t.get("aggregate.chosen_candidates", "")}
+               "chosen": t.get("aggregate.chosen_candidates", ""),
+               "invalid_suites": t.get("aggregate.invalid_suites", "none")}
         for col, name in (("safety", safety_metric), ("utility", utility_metric)):
             for stat in ("mean", "ci_low", "ci_high", "n"):
                 if f"{name}/{stat}" in m:
@@ -227,9 +228,13 @@ def render_section(section: dict[str, Any]) -> str:
         f"<tr><td>{e(r['model'])}</td><td>{e(r['sample_size'])}</td><td>{e(r['family'])}</td>"
         f"<td>{e(r['chosen'])}</td><td>{cell(r, 'safety')}</td><td>{cell(r, 'utility')}</td>"
         f"<td>{e(paired(r))}</td></tr>" for r in section["rows"])
+    notes = "".join(f"<li>{e(r['model'])} {e(r['family'])}: invalid suites (suite:seeds) {e(r['invalid_suites'])}, "
+                    f"left out of those suites' means (aggregate run {e(r['aggregate_run_id'])})</li>"
+                    for r in section["rows"] if r.get("invalid_suites", "none") != "none")
+    notes = f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""
     return ("<h2>Chosen on validation, scored on test</h2><p>Each family's setting was chosen per seed on the "
             "validation split (select runs); cells are test-split means with the 95% Student-t interval over seeds; "
             "paired t-tests between families at their chosen settings over common seeds.</p>"
             "<table><tr><th>model</th><th>n</th><th>method</th><th>chosen (per seed)</th>"
             f"<th>{e(section['safety_metric'])}</th><th>{e(section['utility_metric'])}</th><th>paired</th></tr>"
-            f"{body}</table>")
+            f"{body}</table>{notes}")
