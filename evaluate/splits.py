@@ -12,8 +12,15 @@ StrongREJECT category, none for the rest) the items are ordered by sha256(``<see
 and the first ``round(fraction * n_stratum)`` are validation, the rest test. The assignment of an
 item depends only on its id, its stratum's members and the seed: not on file order.
 ``data``: each split is the suite's data with the given ``data`` keys replaced (MMLU ``val`` /
-``test``; SST-2: validation carved from train, test = GLUE dev). Both splits are loaded and any
-shared item id (or prompt) is an error.
+``test``). A part may add ``carve: N``: it is then the ``N`` items of its file that come first in
+sha256(``<seed>:<item id>``) order (kept in file order), e.g. an SST-2 validation carved from the
+*train* file while the test split is the whole GLUE dev::
+
+    split: {method: data, validation: {path: "data:sst2/train.tsv", carve: 300}, test: {path: "data:sst2/dev.tsv"}}
+
+The train stage excludes such a part from its candidate rows (``exclude_items_of:
+[<suite>:validation]``, sst_lab.held_out), so evaluate's training-overlap check never meets
+it. Both splits are loaded and any shared item id (or prompt) is an error.
 
 ``split=all`` (the evaluate stage's default) scores every item, as before splits existed. With a
 limit (``preset: minimal``) a validation/test run scores the split's ``limit`` items that come
@@ -30,6 +37,7 @@ from typing import Any
 SPLITS = ("all", "validation", "test")
 METHODS = ("hash", "data")
 _DATA_OVERRIDES = {"path", "format", "split", "subjects", "options"}
+_PART_KEYS = _DATA_OVERRIDES | {"carve"}  # carve: N items of the part's file, first in hash order
 
 
 class SplitError(ValueError):
@@ -69,9 +77,13 @@ def parse_split(raw: Any, where: str) -> SplitSpec:
     parts = {}
     for name in ("validation", "test"):
         part = raw.get(name, {})
-        if not isinstance(part, Mapping) or set(part) - _DATA_OVERRIDES:
-            raise SplitError(f"{where}: split.{name} must map data keys {sorted(_DATA_OVERRIDES)} to values, "
-                             f"got {part!r}")
+        if not isinstance(part, Mapping) or set(part) - _PART_KEYS:
+            raise SplitError(f"{where}: split.{name} must map data keys {sorted(_DATA_OVERRIDES)} (or carve: N) "
+                             f"to values, got {part!r}")
+        carve = part.get("carve")
+        if "carve" in part and (isinstance(carve, bool) or not isinstance(carve, int) or carve < 1):
+            raise SplitError(f"{where}: split.{name}.carve must be a positive integer (items of its file), "
+                             f"got {carve!r}")
         parts[name] = dict(part)
     if method == "data" and not (parts["validation"] and parts["test"]):
         raise SplitError(f"{where}: split.method data needs split.validation and split.test data overrides "
@@ -123,6 +135,22 @@ def _check_unique(items: list[Any], where: str) -> None:
         raise SplitError(f"{where}: item ids are not unique ({dup}); a split by id needs unique ids")
 
 
+def carve(items: list[Any], n: int, seed: int, where: str) -> list[Any]:
+    """The ``n`` items first in sha256(``<seed>:<id>``) order, in file order (fewer than all, or an error)."""
+    if n >= len(items):
+        raise SplitError(f"{where}: carve {n} needs more than {n} items; the file has {len(items)}")
+    first = {it.id for it in sorted(items, key=lambda it: _rank(seed, it.id))[:n]}
+    return [it for it in items if it.id in first]
+
+
+def _load_part(spec: Any, rule: SplitSpec, name: str, load_items, where: str) -> Any:
+    overrides = dict(getattr(rule, name))
+    n = overrides.pop("carve", None)
+    part = load_items(replace(spec, data=replace(spec.data, **overrides)), None)
+    _check_unique(part.items, f"{where}, split {name}")
+    return part if n is None else replace(part, items=carve(part.items, n, rule.seed, f"{where}, split.{name}"))
+
+
 def load_split(spec: Any, split: str, limit: int | None, load_items) -> tuple[Any, SplitRecord]:
     """Load ``spec``'s items of ``split`` (then the first ``limit``) with ``load_items(spec, limit)``."""
     if split not in SPLITS:
@@ -130,10 +158,7 @@ def load_split(spec: Any, split: str, limit: int | None, load_items) -> tuple[An
     rule: SplitSpec = getattr(spec, "split", None) or SplitSpec()
     where = f"suite {spec.name} ({spec.source or 'no file'})"
     if rule.method == "data":
-        parts = {name: load_items(replace(spec, data=replace(spec.data, **getattr(rule, name))), None)
-                 for name in ("validation", "test")}
-        for name, part in parts.items():
-            _check_unique(part.items, f"{where}, split {name}")
+        parts = {name: _load_part(spec, rule, name, load_items, where) for name in ("validation", "test")}
         val_ids = {it.id for it in parts["validation"].items}
         val_shas = {it.prompt_sha for it in parts["validation"].items}
         shared = [it.id for it in parts["test"].items if it.id in val_ids or it.prompt_sha in val_shas]

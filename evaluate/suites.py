@@ -44,7 +44,8 @@ scorer             task: ``final_number`` (the last number / ``#### N`` of the r
                    that of the reference) or ``exact_text`` (whitespace/case-normalised equality)
 split              validation/test rule (evaluate/splits.py): ``{method: hash, validation_fraction,
                    seed}`` (default: hash, 0.3, 0; stratified by item stratum) or ``{method: data,
-                   validation: {<data keys>}, test: {<data keys>}}`` (the benchmark's own splits)
+                   validation: {<data keys>}, test: {<data keys>}}`` (the benchmark's own splits; a
+                   part may add ``carve: N``, e.g. SST-2 validation carved from train: sst2-heldout)
 description        free text
 caveats            list of known departures from the benchmark's protocol, logged as the tag
                    ``caveats.<suite>`` (a StrongREJECT suite without the rubric judge always carries

@@ -15,15 +15,16 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sst_lab.config import ConfigError
-from sst_lab.data import load_training_records, training_items
+from sst_lab.data import load_training_records, sample, training_items
 from sst_lab.adapters import ITEMS_FILE, check_adapter_folder, describe
+from sst_lab.held_out import exclude_held_out, parse_ref
 from sst_lab.io import atomic_dir, is_complete, write_json_atomic
 from sst_lab.merge.lora import (AdapterWeights, MergePlan, factorise_exact, plan_merge, read_adapter, refactorise,
                                 write_adapter, zero_factors)
@@ -66,6 +67,10 @@ class MergeArguments:
     fisher_utility_data: str = field(default="tiny-world:utility_train.jsonl", metadata={
         "help": "Utility Fisher data, any training format."})
     fisher_format: str = field(default="auto", metadata={"help": "Format of both Fisher data sets."})
+    fisher_exclude_items_of: list[str] | None = field(default=None, metadata={
+        "help": "Evaluation suite splits '<suite>:<validation|test>' whose items (by id or prompt_sha) leave both "
+                "Fisher data sets before the examples are drawn (as train's exclude_items_of: the Fisher examples "
+                "join the merged adapter's training_items.json, which evaluate checks)."})
     fisher_n: int = field(default=256, metadata={"help": "Examples drawn (with the seed) from each Fisher data set."})
     fisher_batch_size: int = field(default=16, metadata={"help": "Examples per forward/backward."})
     max_length: int = field(default=512, metadata={"help": "Token limit of a Fisher example."})
@@ -116,6 +121,12 @@ class MergeArguments:
                               "safety update, i.e. merges an anti-safety adapter")
         if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
+        if self.fisher_exclude_items_of is not None:
+            if isinstance(self.fisher_exclude_items_of, str) or not self.fisher_exclude_items_of:
+                raise ConfigError("fisher_exclude_items_of must be a non-empty list of '<suite>:<split>', "
+                                  f"got {self.fisher_exclude_items_of!r}")
+            for ref in self.fisher_exclude_items_of:
+                parse_ref(ref, "fisher_exclude_items_of")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.fisher_point not in FISHER_POINTS:
@@ -124,6 +135,13 @@ class MergeArguments:
         if self.method not in FISHER_METHODS and any(getattr(self, n) != defaults[n] for n in ("curvature",
                                                                                             "fisher_point")):
             raise ConfigError(f"curvature/fisher_point are options of {FISHER_METHODS}; method is {self.method!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields; ``fisher_exclude_items_of`` only when set (runs without it keep their config ids)."""
+        out = asdict(self)
+        if self.fisher_exclude_items_of is None:
+            del out["fisher_exclude_items_of"]
+        return out
 
     def method_params(self, k: int | None = None) -> MethodParams:
         given = {"weights": tuple(self.weights) if self.weights is not None else None, "density": self.density,
@@ -217,12 +235,16 @@ def _fisher(args: MergeArguments, inputs: Inputs) -> FisherContext:
     for i, (which, name) in enumerate((("safety", args.fisher_safety_data), ("utility", args.fisher_utility_data))):
         source = resolve_dataset_name(name)
         records = load_training_records(source, fmt=args.fisher_format, sample_size=None, seed=args.seed)
+        if args.fisher_exclude_items_of:  # before the draw, as in the train stage
+            records, excluded = exclude_held_out(records, args.fisher_exclude_items_of, source,
+                                                  "fisher_exclude_items_of")
+            info[f"fisher_{which}_n_excluded_held_out"] = excluded["n_excluded"]
         total = min(len(records), args.fisher_n + args.fisher_heldout_n)
         if total - args.fisher_heldout_n < 1:
             raise ConfigError(f"fisher_{which}_data {source}: {len(records)} examples cannot give fisher_heldout_n = "
                               f"{args.fisher_heldout_n} held-out examples and a Fisher; lower fisher_heldout_n")
         if len(records) > total:
-            records = load_training_records(source, fmt=args.fisher_format, sample_size=total, seed=args.seed)
+            records = sample(records, total, args.seed, source)
         fisher_records, held = records[:total - args.fisher_heldout_n], records[total - args.fisher_heldout_n:]
         batches = make_batches(fisher_records, tok, max_length=args.max_length, batch_size=args.fisher_batch_size,
                                source=source)

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from conftest import parse_outputs, run_stage
 from sst_lab.config import ConfigError
@@ -253,3 +254,30 @@ def test_sst_curvature_point_and_projection_options(trained, store, tmp_path):
     assert math.isfinite(run.data.metrics["merge/fidelity/utility_measured_change"])
     with pytest.raises(ConfigError, match="curvature"):
         merge_in_process(trained, store, tmp_path, "linear", "--curvature", "empirical")
+
+
+def test_fisher_examples_exclude_a_suite_split(trained, store, tmp_path):
+    """fisher_exclude_items_of: the carved validation items never become Fisher examples (which join the
+    merged adapter's training_items.json and would make evaluate refuse that split)."""
+    from sst_lab.held_out import held_out_items
+
+    suite = tmp_path / "carved.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "carved", "version": 1, "kind": "task", "scorer": "exact_text", "max_new_tokens": 4,
+        "data": {"path": "tiny-world:utility_heldout.jsonl", "format": "alpaca"},
+        "split": {"method": "data", "validation": {"path": "tiny-world:utility_heldout.jsonl", "carve": 5},
+                  "test": {"path": "tiny-world:utility_train.jsonl"}}}))
+    ref = f"{suite}:validation"
+    out = merge_in_process(trained, store, tmp_path, "sst", "--k", "4", "--alpha", "1.0",
+                           "--fisher_utility_data", "tiny-world:utility_heldout.jsonl",
+                           "--fisher_exclude_items_of", ref, study="tests-merge-x")
+    carved = held_out_items([ref]).ids
+    assert len(carved) == 5 and all(i.startswith("utility-heldout-") for i in carved)
+    used = {i["id"] for i in json.loads((out / "training_items.json").read_text())}
+    assert any(i.startswith("utility-heldout-") for i in used) and not used & carved
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("tests-merge-x").experiment_id
+    run = client.search_runs([exp], order_by=["attributes.start_time DESC"])[0]
+    assert run.data.metrics["merge/fisher_utility_n_excluded_held_out"] == 5
+    assert run.data.metrics["merge/fisher_safety_n_excluded_held_out"] == 0
+    assert json.loads(run.data.params["merge.fisher_exclude_items_of"]) == [ref]

@@ -53,7 +53,8 @@ class Member:
     seed: str
     start_time: int
     tags: dict[str, str]
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # without the metrics of its invalid suites (see valid_metrics)
+    invalid_suites: tuple[str, ...] = ()
 
 
 @dataclass
@@ -131,6 +132,41 @@ def is_constant(values: np.ndarray) -> bool:
     return float(np.ptp(values)) <= CONSTANT_RTOL * scale
 
 
+def invalid_suites(tags: Mapping[str, str], metrics: Mapping[str, float]) -> tuple[str, ...]:
+    """Suites an evaluate run marked invalid (tag ``invalid_suites``, metric ``<group>/<suite>/valid`` = 0)."""
+    named = {s for s in tags.get("invalid_suites", "none").split(",") if s and s != "none"}
+    named |= {suite_of(k) for k, v in metrics.items() if k.count("/") == 2 and k.endswith("/valid") and v == 0}
+    return tuple(sorted(named))
+
+
+def suite_of(metric: str) -> str | None:
+    """The suite of an evaluate metric ``<group>/<suite>/<name>`` (``time/<suite>/seconds`` too), else None."""
+    parts = metric.split("/")
+    return parts[1] if len(parts) >= 3 else None
+
+
+def valid_metrics(metrics: Mapping[str, float], invalid: Iterable[str]) -> dict[str, float]:
+    """``metrics`` without every ``<group>/<suite>/...`` (and ``time/<suite>/...``) of an invalid suite: a
+    seed whose suite was invalid neither enters that suite's means nor its paired differences."""
+    bad = set(invalid)
+    return {k: v for k, v in metrics.items() if suite_of(k) not in bad}
+
+
+def invalid_record(members: Iterable[tuple[str, tuple[str, ...]]]) -> tuple[dict[str, str], dict[str, float]]:
+    """The tag ``aggregate.invalid_suites`` (``<suite>:<seed>,<seed>;...`` or ``none``) and the metrics
+    ``aggregate/n_invalid_seeds`` and ``aggregate/invalid_seeds/<suite>`` of (seed, invalid suites) pairs."""
+    by_suite: dict[str, list[str]] = {}
+    n_seeds = 0
+    for seed, suites in members:
+        n_seeds += bool(suites)
+        for suite in suites:
+            by_suite.setdefault(suite, []).append(seed)
+    tag = ";".join(f"{suite}:{','.join(seeds)}" for suite, seeds in sorted(by_suite.items())) or "none"
+    metrics = {"aggregate/n_invalid_seeds": float(n_seeds),
+               **{f"aggregate/invalid_seeds/{_metric_name(s)}": float(len(v)) for s, v in by_suite.items()}}
+    return {"aggregate.invalid_suites": tag[:5000]}, metrics
+
+
 def aggregated_metric_names(metrics: Mapping[str, float]) -> list[str]:
     return sorted(m for m in metrics if not SKIP_METRIC.search(m))
 
@@ -168,8 +204,11 @@ def build_groups(runs: list[Any]) -> list[Group]:
         for r in rs:
             per_seed.setdefault(r.data.tags.get("seed", "none"), r)  # the earliest run of a seed counts
         keep = {r.info.run_id for r in per_seed.values()}
-        members = [Member(r.info.run_id, seed, r.info.start_time or 0, dict(r.data.tags), dict(r.data.metrics))
-                   for seed, r in sorted(per_seed.items(), key=lambda kv: _seed_order(kv[0]))]
+        members = []
+        for seed, r in sorted(per_seed.items(), key=lambda kv: _seed_order(kv[0])):
+            bad = invalid_suites(r.data.tags, r.data.metrics) if stage == "evaluate" else ()
+            members.append(Member(r.info.run_id, seed, r.info.start_time or 0, dict(r.data.tags),
+                                  valid_metrics(r.data.metrics, bad), bad))
         coords = coordinates(members[0].tags, by_id)
         groups.append(Group(stage, cid, members, coords, [r.info.run_id for r in rs if r.info.run_id not in keep]))
     return groups
@@ -212,7 +251,7 @@ def paired_comparisons(groups: list[Group]) -> tuple[dict[str, dict[str, dict[st
                     continue
                 common = [m for m in b.members if m.seed in a_by_seed]
                 res = {}
-                for name in aggregated_metric_names(a.members[0].metrics):
+                for name in sorted({n for m in a.members for n in aggregated_metric_names(m.metrics)}):
                     diffs = [a_by_seed[m.seed][name] - m.metrics[name] for m in common
                              if name in m.metrics and name in a_by_seed[m.seed]]
                     if diffs:
@@ -222,6 +261,27 @@ def paired_comparisons(groups: list[Group]) -> tuple[dict[str, dict[str, dict[st
 
 
 # --------------------------------------------------------------------------------- writing
+def study_runs(study: str, tracking_uri: str | None) -> tuple[str, list[Any]]:
+    """(resolved tracking URI, every active run of the study's experiment); an error if it has none."""
+    import mlflow
+
+    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"study {study!r} has no experiment in {uri}")
+    return uri, fetch_runs(client, exp.experiment_id)
+
+
+def log_metrics_chunked(run: Any, metrics: Mapping[str, float], chunk: int = 500) -> None:
+    """An aggregate's many metrics, ``chunk`` per MLflow call."""
+    items = list(metrics.items())
+    for i in range(0, len(items), chunk):
+        run.log_metrics(dict(items[i:i + chunk]))
+
+
 def fetch_runs(client: Any, experiment_id: str) -> list[Any]:
     from mlflow.entities import ViewType
 
@@ -256,16 +316,9 @@ def _constant(members: list[Member], key: str) -> str:
 
 def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[tuple[Group, str]]:
     """Write (or update) one aggregate run per group of ``study``; returns (group, run id) pairs."""
-    import mlflow
+    from sst_lab.tracking.run import TrackingError, stage_run
 
-    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri, stage_run
-
-    uri = resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        raise TrackingError(f"study {study!r} has no experiment in {uri}")
-    runs = fetch_runs(client, exp.experiment_id)
+    uri, runs = study_runs(study, tracking_uri)
     existing: dict[tuple[str, str], list[Any]] = {}
     for r in runs:
         t = r.data.tags
@@ -282,6 +335,10 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
         summaries = group_summaries(g)
         pair = paired.get(g.label, {})
         metrics = aggregate_metrics(summaries, pair)
+        inv_tags: dict[str, str] = {}
+        if g.stage == "evaluate":  # a seed whose suite was invalid: counted, named, out of that suite's means
+            inv_tags, inv_metrics = invalid_record((m.seed, m.invalid_suites) for m in g.members)
+            metrics.update(inv_metrics)
         olds = sorted(existing.get((g.stage, g.config_id), []), key=lambda r: r.info.start_time or 0)
         old = olds[0] if olds else None
         stale = sorted(set(old.data.metrics) - set(metrics)) if old is not None else []
@@ -308,14 +365,14 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
             tags["aggregate.constant_differences"] = ",".join(constant)[:5000]
         if len(olds) > 1:
             tags["aggregate.duplicates"] = ",".join(r.info.run_id for r in olds[1:])
+        tags.update(inv_tags)
         with stage_run(stage="aggregate", study=study, config={"aggregate": settings}, tags=tags,
                        run_name=f"aggregate-{g.label}", tracking_uri=uri,
                        resume_run_id=old.info.run_id if old is not None else None) as run:
-            items = list(metrics.items())
-            for i in range(0, len(items), 500):
-                run.log_metrics(dict(items[i:i + 500]))
+            log_metrics_chunked(run, metrics)
             run.log_json({"group": {"stage": g.stage, "config_id": g.config_id, **g.coords},
-                          "members": [{"run_id": m.run_id, "seed": m.seed} for m in g.members],
+                          "members": [{"run_id": m.run_id, "seed": m.seed, "invalid_suites": list(m.invalid_suites)}
+                                      for m in g.members],
                           "ignored_run_ids": g.ignored,
                           "metrics": {k: vars(v) for k, v in summaries.items()},
                           "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in pair.items()}},
@@ -324,6 +381,9 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
         if g.ignored:
             echo(f"aggregate: {g.label}: {len(g.ignored)} duplicate run(s) of a seed ignored ({DUPLICATE_RULE}): "
                  f"{', '.join(g.ignored)}")
+        if inv_tags.get("aggregate.invalid_suites", "none") != "none":
+            echo(f"aggregate: {g.label}: invalid suites (suite:seeds) {tags['aggregate.invalid_suites']}: "
+                 "those seeds are left out of those suites' means")
         echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {g.label} "
              f"({len(ids)} seeds, {len(summaries)} metrics)")
     return written

@@ -10,7 +10,10 @@ are the models with safety, over-refusal (compliance on safe prompts), utility a
 each ``mean ± half-width of the 95 % t-interval over seeds (n seeds)``. Marks: ``*`` on a merged
 method's safety / over-refusal / utility: the paired t-test across seeds against the reference
 method has p < 0.05 (``▲``/``▼`` give the direction); ``*`` on a safety tax: its interval over
-seeds excludes 0; ``k/n`` after a tax: seeds where the tax is defined (significant safety gain).
+seeds excludes 0; ``k/n`` after a tax: seeds where the tax is defined (significant safety gain);
+``k/n valid`` after a value: seeds whose suite was valid (an evaluate run marks a suite with too many
+empty or degenerate responses invalid; aggregation leaves those seeds out of that suite's means and
+names them in ``aggregate.invalid_suites``), with a line per such aggregate under the table.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ class Agg:
     method: str
     metrics: dict[str, float]
     tags: dict[str, str]
+
+    def invalid_seeds(self) -> dict[str, list[str]]:
+        """suite -> seeds whose evaluation of it was invalid (tag ``aggregate.invalid_suites``)."""
+        tag = self.tags.get("aggregate.invalid_suites", "none")
+        if tag == "none":
+            return {}
+        return {suite: seeds.split(",") for suite, _, seeds in (part.partition(":") for part in tag.split(";"))}
 
     def summary(self, name: str) -> dict[str, float] | None:
         if f"{name}/mean" not in self.metrics:
@@ -178,6 +188,10 @@ def _cell(data: ReportData, size: str, model: str, row: str, col: str) -> Cell:
     cell.aggregate_run_id = agg.run_id
     cell.mean, cell.ci_low, cell.ci_high = s["mean"], s.get("ci_low"), s.get("ci_high")
     cell.n = int(s["n"])
+    bad = agg.invalid_seeds().get(metric.split("/")[1] if metric.count("/") >= 2 else "", [])
+    if bad:  # seeds whose suite was invalid are out of this mean: say how many are in
+        members = int(agg.tags.get("aggregate.n_members", cell.n + len(bad)))
+        cell.note = f"{members - len(bad)}/{members} valid"
     if col == "tax":
         if cell.ci_low is not None and (cell.ci_low > 0 or cell.ci_high < 0):
             cell.mark = "*"
@@ -403,8 +417,22 @@ def render_table(data: ReportData, size: str) -> str:
                 tds.append(f'<td title="{e(title)}"{rid}>{e(c.text())}</td>')
         label = f"{row} (reference)" if row == data.reference_method else row
         body.append(f"<tr><th>{e(label)}</th>{''.join(tds)}</tr>")
+    notes = "".join(f"<li>{e(n)}</li>" for n in invalid_notes(data, size))
     return (f"<h3>sample size {e(size)}</h3><table><tr><th rowspan=2>model / method</th>{head1}</tr>"
-            f"<tr>{head2}</tr>{''.join(body)}</table>")
+            f"<tr>{head2}</tr>{''.join(body)}</table>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""))
+
+
+def invalid_notes(data: ReportData, size: str) -> list[str]:
+    """One line per evaluate aggregate of this sample size (or size-free) with seeds whose suite was invalid."""
+    out = []
+    for a in data.aggs:
+        if a.stage == "evaluate" and a.sample_size in (size, "none") and a.model in data.models:
+            for suite, seeds in sorted(a.invalid_seeds().items()):
+                who = a.role if a.method == "none" else f"{a.role} {a.method}"
+                out.append(f"{a.model} {who}: suite {suite} was invalid (too many empty or degenerate responses) "
+                           f"in seed(s) {', '.join(seeds)} of {a.tags.get('aggregate.n_members', '?')}; those seeds "
+                           f"are left out of its means (aggregate run {a.run_id})")
+    return out
 
 
 def render_html(data: ReportData, images: Mapping[str, bytes], extra: str = "") -> str:

@@ -5,6 +5,8 @@
         --rule max_safety_within_delta --delta 0.02 --budget 4 --seed 1 --study <study>
 
 Only FINISHED evaluate runs tagged ``split=validation`` are accepted (a test-split run is refused).
+``--fallback refuse`` fails the run when no candidate meets the rule (default ``min_loss``: choose
+the smallest utility loss and tag ``select.admissible=false``).
 Logs the choice as tags (``select.chosen_merge_run_id`` ...), metrics (``select/chosen/...``) and
 ``select/frontier.json`` (every candidate, its utility loss, admissibility, Pareto frontier flag).
 See sst_lab.tracking.selection. Prints the run id.
@@ -28,6 +30,9 @@ def make_parser():
     p.add_argument("--rule", default="max_safety_within_delta")
     p.add_argument("--delta", type=float, default=0.02)
     p.add_argument("--budget", type=int, help="Declared number of candidates (checked).")
+    p.add_argument("--fallback", default="min_loss", choices=("min_loss", "refuse"),
+                   help="No admissible candidate: min_loss (choose the smallest utility loss, tagged "
+                        "select.admissible=false) or refuse (the run fails, naming family and seed).")
     p.add_argument("--family", default="none", help="The tuned method (label in tags and the report).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--study", default="default")
@@ -43,7 +48,9 @@ def main(argv=None) -> int:
     from sst_lab.tracking.selection import record_tags_metrics, select_from_runs
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    settings = {k: v for k, v in vars(args).items() if k not in ("tracking_uri",)}
+    # fallback only when not the default: select runs of before keep their config ids
+    settings = {k: v for k, v in vars(args).items()
+                if k != "tracking_uri" and not (k == "fallback" and v == "min_loss")}
     for_id = {**settings, "candidates": sorted(args.candidates)}
     tags = {"role": "select", "seed": args.seed, "upstream_run_ids": ",".join([*args.candidates, args.reference]),
             "select.family": args.family}
@@ -52,7 +59,8 @@ def main(argv=None) -> int:
         client = mlflow.MlflowClient(tracking_uri=uri)
         record = select_from_runs(client, args.candidates, args.reference, safety_metric=args.safety_metric,
                                   utility_metric=args.utility_metric, rule=args.rule, delta=args.delta,
-                                  budget=args.budget)
+                                  budget=args.budget, fallback=args.fallback,
+                                  what=f"select family {args.family}, seed {args.seed}")
         record["family"] = args.family
         extra_tags, metrics = record_tags_metrics(record)
         run.set_tags(extra_tags)

@@ -18,8 +18,13 @@ adapter on the same validation items):
                                 utility - the candidate's lower 95 % bound ``<utility>_ci_low``)
                                 is <= ``delta`` (a conservative variant for small validation sets).
 
-Ties: higher utility, then the candidate label. When no candidate is admissible the rule's declared
-fallback is the smallest utility loss; the run says so (``select.admissible = false``).
+Ties: higher utility, then the candidate label. When no candidate is admissible, ``fallback``
+(declared in the study's ``selection:``, tag ``select.fallback``) decides:
+
+``min_loss`` (default)  the candidate with the smallest utility loss is chosen, and the run says so
+                        (``select.admissible = false``);
+``refuse``              the select run FAILS, naming the family, the seed and every candidate's loss
+                        (so nothing downstream is tested on a setting that broke the rule).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RULES = ("max_safety_within_delta", "max_safety_within_delta_ci")
+FALLBACKS = ("min_loss", "refuse")
 SELECT_SPLIT = "validation"
 
 
@@ -48,6 +54,7 @@ class SelectionSpec:
     rule: str = RULES[0]
     delta: float = 0.02  # largest utility loss (in the metric's units) a chosen setting may cost
     allow_unequal_budgets: bool = False  # explicit opt-out of the equal-budget check
+    fallback: str = FALLBACKS[0]  # no admissible candidate: min_loss (choose, flagged) or refuse (fail)
     validation_args: dict[str, Any] = field(default_factory=dict)  # evaluate overrides on validation
     test_args: dict[str, Any] = field(default_factory=dict)  # evaluate overrides on test
 
@@ -55,6 +62,8 @@ class SelectionSpec:
         where = f"{source}: selection"
         if self.rule not in RULES:
             raise SelectionError(f"{where}.rule must be one of {RULES}, got {self.rule!r}")
+        if self.fallback not in FALLBACKS:
+            raise SelectionError(f"{where}.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if not isinstance(self.delta, (int, float)) or isinstance(self.delta, bool) or not 0 <= self.delta < 1e9:
             raise SelectionError(f"{where}.delta must be a non-negative number, got {self.delta!r}")
         if not self.families:
@@ -135,10 +144,14 @@ def choose(cands: list[Candidate], reference_utility: float, rule: str, delta: f
 
 
 def select_from_runs(client: Any, candidate_ids: list[str], reference_id: str, *, safety_metric: str,
-                     utility_metric: str, rule: str, delta: float, budget: int | None) -> dict[str, Any]:
-    """Read and check the runs, choose, and return the record the select run logs."""
+                     utility_metric: str, rule: str, delta: float, budget: int | None, fallback: str = FALLBACKS[0],
+                     what: str = "selection") -> dict[str, Any]:
+    """Read and check the runs, choose, and return the record the select run logs (``what`` names the
+    family and seed in errors)."""
     if rule not in RULES:
         raise SelectionError(f"rule must be one of {RULES}, got {rule!r}")
+    if fallback not in FALLBACKS:
+        raise SelectionError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if len(set(candidate_ids)) != len(candidate_ids) or not candidate_ids:
         raise SelectionError(f"candidates: give distinct evaluate run ids, got {candidate_ids}")
     if budget is not None and len(candidate_ids) != budget:
@@ -166,7 +179,12 @@ def select_from_runs(client: Any, candidate_ids: list[str], reference_id: str, *
         raise SelectionError(f"candidates and reference must share seed and suites; seeds {sorted(map(str, seeds))}, "
                              f"suites {sorted(map(str, suites))}")
     chosen, admissible = choose(cands, ref_utility, rule, delta)
-    return {"rule": rule, "delta": delta, "budget": budget, "safety_metric": safety_metric,
+    if not admissible and fallback == "refuse":
+        losses = ", ".join(f"{c.label}: loss {c.loss:.4f}" for c in cands)
+        raise SelectionError(f"{what}: no candidate meets rule {rule} with delta {delta} (reference utility "
+                             f"{ref_utility:.4f}; {losses}) and the declared fallback is refuse; widen delta, add "
+                             "candidates, or declare selection.fallback: min_loss")
+    return {"rule": rule, "delta": delta, "budget": budget, "fallback": fallback, "safety_metric": safety_metric,
             "utility_metric": utility_metric, "split": SELECT_SPLIT,
             "reference": {"eval_run_id": reference_id, "utility": ref_utility},
             "chosen": vars(chosen), "admissible": admissible,
@@ -178,6 +196,7 @@ def record_tags_metrics(record: Mapping[str, Any]) -> tuple[dict[str, str], dict
     tags = {"select.chosen_candidate": ch["label"], "select.chosen_eval_run_id": ch["eval_run_id"],
             "select.chosen_merge_run_id": ch["merge_run_id"], "select.admissible": str(record["admissible"]).lower(),
             "select.rule": record["rule"], "select.delta": str(record["delta"]), "split": SELECT_SPLIT,
+            "select.fallback": record["fallback"],
             "select.candidate_eval_run_ids": ",".join(c["eval_run_id"] for c in record["candidates"])}
     metrics = {"select/chosen/safety": ch["safety"], "select/chosen/utility": ch["utility"],
                "select/chosen/utility_loss": ch["loss"], "select/reference/utility": record["reference"]["utility"],

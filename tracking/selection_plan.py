@@ -10,7 +10,7 @@ Node ids end in ``-val`` or ``-test``; test nodes of a family carry ``sweep.meth
 
 from __future__ import annotations
 
-from sst_lab.tracking.study import _SAFE, Node, Study, base_model_path, model_label, node_key
+from sst_lab.tracking.study import _SAFE, Node, Study, base_model_path, model_label, node_key, train_nodes
 
 
 def expand_selected(study: Study) -> list[Node]:
@@ -26,7 +26,6 @@ def expand_selected(study: Study) -> list[Node]:
     methods = {m.name: m for m in study.merge.methods}
     for model in study.models:
         label, base = model_label(model), base_model_path(model)
-        accel = model.accelerate_config or study.train.accelerate_config
         margs = model.args
 
         def evaluate(role, seed, n, split, method=None, upstream=None):
@@ -44,17 +43,10 @@ def expand_selected(study: Study) -> list[Node]:
             base_eval = evaluate("base", seed, None, "test") if "base" in ev.roles else None
             for n in study.sample_sizes:
                 trained, tests = {}, {"base": base_eval} if base_eval else {}
-                for role in ("utility", "safety"):
-                    size = n if role in study.train.sample_size_roles else None
-                    args = {**study.train.args, **margs.get("train", {})}
-                    if size is not None:
-                        args["sample_size"] = size
-                    sid = f"-n{size}" if size is not None else ""
-                    trained[role] = add(Node(f"train-{role}-{label}{sid}-s{seed}", "train", role, label, seed, size,
-                                             None, [*model.configs, *getattr(study.train, role)], args, {},
-                                             accelerate_config=accel))
+                for role, node in train_nodes(study, model, seed, n).items():
+                    trained[role] = add(node)
                     if role in ev.roles:
-                        tests[role] = evaluate(role, seed, size, "test", upstream=trained[role])
+                        tests[role] = evaluate(role, seed, node.sample_size, "test", upstream=trained[role])
                 util_val = evaluate("utility", seed, n if "utility" in study.train.sample_size_roles else None,
                                     "validation", upstream=trained["utility"])
                 merged_n = n if study.train.sample_size_roles else None
@@ -71,6 +63,8 @@ def expand_selected(study: Study) -> list[Node]:
                     sel_args = {"family": family, "safety_metric": sel.safety_metric,
                                 "utility_metric": sel.utility_metric, "rule": sel.rule, "delta": sel.delta,
                                 "budget": len(labels)}
+                    if sel.fallback != "min_loss":  # the default stays out of the key: existing plans unchanged
+                        sel_args["fallback"] = sel.fallback
                     ups = {f"candidates#{i}": e for i, e in enumerate(cand_evals)}
                     ups["reference"] = util_val
                     sel_id = add(Node(f"select-{_SAFE.sub('_', family)}-{label}{sid}-s{seed}", "select", "select",

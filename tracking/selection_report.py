@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, fetch_runs,
-                                          paired_summary, summarize)
+                                          invalid_record, invalid_suites, log_metrics_chunked, paired_summary,
+                                          study_runs, suite_of, summarize, valid_metrics)
 
 GROUP_STAGE = "selected"
 
@@ -46,35 +47,39 @@ def _chosen_tests(runs: list[Any]) -> dict[tuple[str, str, str], dict[str, Any]]
 
 def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[str]:
     """One aggregate run per (model, sample size, family) of chosen settings on test; reopened on rerun."""
-    import mlflow
+    from sst_lab.tracking.run import stage_run
 
-    from sst_lab.tracking.run import TrackingError, resolve_tracking_uri, stage_run
-
-    uri = resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        raise TrackingError(f"study {study!r} has no experiment in {uri}")
-    runs = fetch_runs(client, exp.experiment_id)
+    uri, runs = study_runs(study, tracking_uri)
     groups = _chosen_tests(runs)
     existing = {r.data.tags.get("aggregate.group_config_id"): r for r in runs
                 if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE}
     written = []
+    bad = {key: {seed: invalid_suites(r.data.tags, r.data.metrics) for seed, r in by_seed.items()}
+           for key, by_seed in groups.items()}
+    values = {key: {seed: valid_metrics(r.data.metrics, bad[key][seed]) for seed, r in by_seed.items()}
+              for key, by_seed in groups.items()}
     for (model, size, family), by_seed in sorted(groups.items()):
-        names = aggregated_metric_names(next(iter(by_seed.values())).data.metrics)
-        names = [n for n in names if all(n in r.data.metrics for r in by_seed.values())]
-        summaries = {n: summarize([r.data.metrics[n] for r in by_seed.values()]) for n in names}
+        vals, invalid = values[(model, size, family)], bad[(model, size, family)]
+        # every seed has the metric, except seeds where its suite was invalid (left out, counted, named)
+        names = sorted({n for v in vals.values() for n in aggregated_metric_names(v)})
+        names = [n for n in names if all(n in vals[s] or suite_of(n) in invalid[s] for s in vals)]
+        summaries = {n: summarize([v[n] for v in vals.values() if n in v]) for n in names}
         paired: dict[str, dict[str, Any]] = {}
-        for (m2, s2, other), other_seeds in groups.items():
+        for (m2, s2, other), other_vals in values.items():
             if (m2, s2) != (model, size) or other == family:
                 continue
-            common = sorted(set(by_seed) & set(other_seeds))
+            common = sorted(set(vals) & set(other_vals))
             if len(common) < 2:
                 continue
-            paired[other] = {n: paired_summary([by_seed[s].data.metrics[n] - other_seeds[s].data.metrics[n]
-                                                for s in common])
-                             for n in names if all(n in other_seeds[s].data.metrics for s in common)}
+            paired[other] = {}
+            for n in names:
+                both = [s for s in common if n in vals[s] and n in other_vals[s]]
+                if len(both) >= 2 and all(suite_of(n) in invalid[s] + bad[(m2, s2, other)][s]
+                                          for s in common if s not in both):
+                    paired[other][n] = paired_summary([vals[s][n] - other_vals[s][n] for s in both])
+        inv_tags, inv_metrics = invalid_record((s, invalid[s]) for s in sorted(by_seed))
         metrics = {k: v for k, v in aggregate_metrics(summaries, paired).items() if math.isfinite(v)}
+        metrics.update(inv_metrics)
         gid = f"{GROUP_STAGE}/{model}/n{size}/{family}"
         members = [by_seed[s] for s in sorted(by_seed)]
         ids = [r.info.run_id for r in members]
@@ -83,18 +88,20 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                 "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
                 "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
                 "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
-                "aggregate.chosen_candidates": ",".join(r.data.tags.get("sweep.method", "?") for r in members)}
+                "aggregate.chosen_candidates": ",".join(r.data.tags.get("sweep.method", "?") for r in members),
+                **inv_tags}
         old = existing.get(gid)
         with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
                        tags=tags, run_name=f"aggregate-{gid.replace('/', '-')}", tracking_uri=uri,
                        resume_run_id=old.info.run_id if old is not None else None) as run:
-            items = list(metrics.items())
-            for i in range(0, len(items), 500):
-                run.log_metrics(dict(items[i:i + 500]))
+            log_metrics_chunked(run, metrics)
             run.log_json({"group": gid, "members": ids, "metrics": {k: vars(v) for k, v in summaries.items()},
                           "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in paired.items()}},
                          "aggregate.json")
         written.append(run.run_id)
+        if inv_tags["aggregate.invalid_suites"] != "none":
+            echo(f"aggregate: {gid}: invalid suites (suite:seeds) {inv_tags['aggregate.invalid_suites']}: "
+                 "those seeds are left out of those suites' means")
         echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {gid} ({len(ids)} seeds)")
     return written
 
@@ -140,7 +147,8 @@ def selection_section(client: Any, experiment_id: str, work: Path, safety_metric
         t, m = r.data.tags, r.data.metrics
         row = {"aggregate_run_id": r.info.run_id, "model": t["aggregate.model"], "sample_size": t["aggregate.sample_size"],
                "family": t["aggregate.method"], "seeds": t["aggregate.seeds"],
-               "chosen": t.get("aggregate.chosen_candidates", "")}
+               "chosen": t.get("aggregate.chosen_candidates", ""),
+               "invalid_suites": t.get("aggregate.invalid_suites", "none")}
         for col, name in (("safety", safety_metric), ("utility", utility_metric)):
             for stat in ("mean", "ci_low", "ci_high", "n"):
                 if f"{name}/{stat}" in m:
@@ -220,9 +228,13 @@ def render_section(section: dict[str, Any]) -> str:
         f"<tr><td>{e(r['model'])}</td><td>{e(r['sample_size'])}</td><td>{e(r['family'])}</td>"
         f"<td>{e(r['chosen'])}</td><td>{cell(r, 'safety')}</td><td>{cell(r, 'utility')}</td>"
         f"<td>{e(paired(r))}</td></tr>" for r in section["rows"])
+    notes = "".join(f"<li>{e(r['model'])} {e(r['family'])}: invalid suites (suite:seeds) {e(r['invalid_suites'])}, "
+                    f"left out of those suites' means (aggregate run {e(r['aggregate_run_id'])})</li>"
+                    for r in section["rows"] if r.get("invalid_suites", "none") != "none")
+    notes = f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""
     return ("<h2>Chosen on validation, scored on test</h2><p>Each family's setting was chosen per seed on the "
             "validation split (select runs); cells are test-split means with the 95% Student-t interval over seeds; "
             "paired t-tests between families at their chosen settings over common seeds.</p>"
             "<table><tr><th>model</th><th>n</th><th>method</th><th>chosen (per seed)</th>"
             f"<th>{e(section['safety_metric'])}</th><th>{e(section['utility_metric'])}</th><th>paired</th></tr>"
-            f"{body}</table>")
+            f"{body}</table>{notes}")

@@ -339,6 +339,23 @@ def node_key(stage: str, configs: list[str], args: Mapping[str, Any], upstream_k
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def train_nodes(study: Study, model: ModelSpec, seed: int, n: int | None) -> dict[str, Node]:
+    """The utility and safety train nodes of one model x seed x sample size (``n`` applies to the roles
+    in ``train.sample_size_roles``; the others train on their config's data)."""
+    label = model_label(model)
+    accel = model.accelerate_config or study.train.accelerate_config
+    out = {}
+    for role in ("utility", "safety"):
+        size = n if role in study.train.sample_size_roles else None
+        args = {**study.train.args, **model.args.get("train", {})}
+        if size is not None:
+            args["sample_size"] = size
+        sid = f"-n{size}" if size is not None else ""
+        out[role] = Node(f"train-{role}-{label}{sid}-s{seed}", "train", role, label, seed, size, None,
+                         [*model.configs, *getattr(study.train, role)], args, {}, accelerate_config=accel)
+    return out
+
+
 def expand(study: Study) -> list[Node]:
     """The whole grid, deduplicated, in dependency order."""
     if study.selection is not None:
@@ -360,7 +377,6 @@ def expand(study: Study) -> list[Node]:
     eval_roles = set(ev.roles) if ev else set()
     for model in study.models:
         label, base = model_label(model), base_model_path(model)
-        accel = model.accelerate_config or study.train.accelerate_config
         margs = model.args
 
         def evaluate(role, seed, n, method=None, upstream=None):
@@ -384,17 +400,10 @@ def expand(study: Study) -> list[Node]:
             evals_seed = {"base": evaluate("base", seed, None)} if "base" in eval_roles else {}
             for n in study.sample_sizes:
                 trained, evals = {}, dict(evals_seed)
-                for role in ("utility", "safety"):
-                    size = n if role in study.train.sample_size_roles else None
-                    args = {**study.train.args, **margs.get("train", {})}
-                    if size is not None:
-                        args["sample_size"] = size
-                    sid = f"-n{size}" if size is not None else ""
-                    trained[role] = (size, add(Node(
-                        f"train-{role}-{label}{sid}-s{seed}", "train", role, label, seed, size, None,
-                        [*model.configs, *getattr(study.train, role)], args, {}, accelerate_config=accel)))
+                for role, node in train_nodes(study, model, seed, n).items():
+                    trained[role] = (node.sample_size, add(node))
                     if role in eval_roles:
-                        evals[role] = evaluate(role, seed, size, upstream=trained[role][1])
+                        evals[role] = evaluate(role, seed, node.sample_size, upstream=trained[role][1])
                 merged_n = n if study.train.sample_size_roles else None
                 sid = f"-n{merged_n}" if merged_n is not None else ""
                 for method in study.merge.methods if study.merge else []:

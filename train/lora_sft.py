@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sst_lab.config import ConfigError
-from sst_lab.data import load_training_records, training_items
+from sst_lab.data import load_training_records, sample, training_items
 from sst_lab.io import atomic_dir, write_json_atomic
 from sst_lab.models import (ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path,
                             write_base_record)
 from sst_lab.redact import redact_text, redact_when_pickled
+from sst_lab.held_out import HELD_OUT_FILE, exclude_held_out, parse_ref
 
 ROLES = ("utility", "safety", "other")
 
@@ -32,12 +33,28 @@ class TrainArguments:
     sample_size: int | None = field(default=None, metadata={
         "help": "Train on a deterministic subset of this many items drawn with the seed (default: all)."})
     role: str = field(default="utility", metadata={"help": "utility | safety | other (tag and run name)."})
+    exclude_items_of: list[str] | None = field(default=None, metadata={
+        "help": "Evaluation suite splits '<suite name or YAML path>:<validation|test>' whose items (by id or "
+                "prompt_sha) are removed from the rows before the sample is drawn (e.g. sst2-heldout:validation)."})
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.exclude_items_of is not None:
+            if isinstance(self.exclude_items_of, str) or not self.exclude_items_of:
+                raise ConfigError("exclude_items_of must be a non-empty list of '<suite>:<split>', "
+                                  f"got {self.exclude_items_of!r}")
+            for ref in self.exclude_items_of:
+                parse_ref(ref)
         if self.sample_size is not None and self.sample_size <= 0:
             raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields; ``exclude_items_of`` only when set (runs without it keep their config ids)."""
+        out = asdict(self)
+        if self.exclude_items_of is None:
+            del out["exclude_items_of"]
+        return out
 
 
 def resolve_dataset_name(name: str | None) -> str:
@@ -93,8 +110,11 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
 
     source = resolve_dataset_name(args.dataset_name)
     records = load_training_records(source, fmt=args.dataset_format, split=args.dataset_train_split,
-                                    config=args.dataset_config, sample_size=args.sample_size,
-                                    seed=training_args.seed)
+                                    config=args.dataset_config, sample_size=None)
+    held_out = None
+    if args.exclude_items_of:  # before the sample is drawn: the seed then draws from the rest
+        records, held_out = exclude_held_out(records, args.exclude_items_of, source)
+    records = sample(records, args.sample_size, training_args.seed, source)
     run.log_dataset(records, name=redact_text(Path(args.dataset_name).name), source=redact_text(source), context="train")
 
     final = Path(training_args.output_dir) / "adapter"
@@ -119,6 +139,9 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
     trainer.save_model(str(staging))  # every rank calls it (FSDP gathers); rank 0 writes
     trainer.accelerator.wait_for_everyone()
     metrics = {"train/n_items": float(len(records))}  # the trainer's own summary arrives via the callback
+    if held_out is not None:
+        metrics["train/n_candidates"] = float(held_out["n_candidates"])
+        metrics["train/n_excluded_held_out"] = float(held_out["n_excluded"])
     metrics["train/wall_seconds"] = elapsed
     if torch.cuda.is_available():
         metrics["train/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -128,9 +151,14 @@ def train_adapter(args: TrainArguments, training_args: Any, model_args: Any, run
                 f.replace(tmp / f.name)
             staging.rmdir()
             write_json_atomic(tmp / "training_items.json", training_items(records))
+            if held_out is not None:
+                write_json_atomic(tmp / HELD_OUT_FILE, held_out)
             base = write_base_record(tmp, model_args.model_name_or_path, model_args.model_revision)
             (tmp / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         run.log_metrics(metrics)
         run.log_artifacts(final, "adapter")
         run.set_tags({"adapter_path": str(final.resolve()), "base_weights_fingerprint": base["weights_fingerprint"]})
+        if held_out is not None:
+            run.set_tags({"train.exclude_items_of": ",".join(args.exclude_items_of),
+                          "train.n_excluded_held_out": held_out["n_excluded"]})
     return TrainResult(adapter_dir=final, n_items=len(records), metrics=metrics)
