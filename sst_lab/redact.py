@@ -7,7 +7,9 @@ Rules, applied recursively to mappings, sequences and strings:
   ``password``/``passwd``/``pwd``, ``credential(s)``, ``auth``, ``apikey`` or ``passphrase``, or
   two adjacent words are ``api key``, ``private key``, ``access key`` or ``secret key``. Whole
   words only: ``max_new_tokens`` or ``sft.average_tokens_across_devices`` are not secrets, and
-  neither are the special-token names (``pad_token``, ``eos_token``...);
+  neither are the special-token names (``pad_token``, ``eos_token``...) nor keys where ``token`` is
+  followed by another word (``mean_token_accuracy``, ``token_id``), unless that word is ``value``,
+  ``secret``, ``key`` or ``str(ing)``;
 * inside any string: Hugging Face tokens (``hf_...``), bearer tokens, the password of a URI in
   every form (``scheme://user:pw@host``, ``scheme:/user:pw@host`` as the datasets library
   rewrites it, ``user:pw@host``), query-string secrets (``?token=...``, ``&sig=...``), and
@@ -40,6 +42,9 @@ _SECRET_WORDS = {"token", "secret", "secrets", "password", "passwords", "passwd"
                  "credentials", "auth", "apikey", "passphrase"}
 _SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")}
 _SPECIAL_TOKENS = {"pad", "bos", "eos", "unk", "sep", "cls", "mask"}  # <pad_token> etc. name tokenizer symbols
+# after "token", these words make the key a secret's name still (hub_token_value); any other word makes
+# it a quantity or property of text tokens (mean_token_accuracy, token_id, token_count), not a credential
+_TOKEN_SECRET_TAILS = {"value", "secret", "key", "str", "string"}
 _NOT_SECRETS = {"PWD"}  # the shell's working directory, not a password: masking it hid every path in the logs
 _QUERY_SECRETS = {"key", "sig", "signature", "code", "x-amz-signature", "x-amz-credential",
                   "x-amz-security-token"}
@@ -61,6 +66,8 @@ def is_secret_key(key: str) -> bool:
     for i, word in enumerate(words):
         if word in _SECRET_WORDS:
             if word == "token" and i > 0 and words[i - 1] in _SPECIAL_TOKENS:
+                continue
+            if word == "token" and any(w not in _TOKEN_SECRET_TAILS for w in words[i + 1:]):
                 continue
             return True
         if i + 1 < len(words) and (word, words[i + 1]) in _SECRET_PAIRS:

@@ -114,9 +114,14 @@ def test_text_redaction_covers_every_form(text):
 
 def test_only_secret_names_are_masked():
     assert not any(is_secret_key(k) for k in ("sft.average_tokens_across_devices", "sft.include_num_input_tokens_seen",
-                                              "max_new_tokens", "pad_token", "TOKENIZERS_PARALLELISM", "author"))
+                                              "max_new_tokens", "pad_token", "TOKENIZERS_PARALLELISM", "author",
+                                              "mean_token_accuracy", "train/mean_token_accuracy", "token_id"))
+    # TRL's training log line: its token accuracy used to be printed as REDACTED
+    line = "{'loss': '0.2016', 'mean_token_accuracy': '0.8125', 'num_tokens': '4433'}"
+    assert redact_text(line) == line
     assert all(is_secret_key(k) for k in ("hub_token", "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "apiKey", "api_key",
-                                          "db.password", "private_key", "use_auth_token"))
+                                          "db.password", "private_key", "use_auth_token", "token",
+                                          "hub_token_value", "GITHUB_TOKEN"))
     value = "zq-remembered-9"
     assert redact({"x": {"token": value}}) == {"x": {"token": REDACTED}}
     assert redact_text(f"later, in a message: {value}") == f"later, in a message: {REDACTED}"
