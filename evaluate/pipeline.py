@@ -17,7 +17,7 @@ from typing import Any
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.judges import GUARD_JUDGE, KEYWORD_JUDGE, RUBRIC_JUDGE, TEMPLATE_JUDGE
 from sst_lab.evaluate.splits import SPLITS
-from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, load_suite
+from sst_lab.evaluate.suites import MAX_EMPTY_RATE, LoadedSuite, SuiteSpec, caveat_tags, classifier_warnings, load_suite
 
 PRESETS = ("full", "minimal")
 ROLES = ("base", "utility", "safety", "merged", "other")
@@ -419,7 +419,7 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         metrics.update(context)
     metrics["time/total_seconds"] = time.perf_counter() - t0
     invalid = mark_validity(loaded, metrics, omitted, args.max_empty_rate, args.max_rubric_unparsed_rate)
-    run.set_tags({"invalid_suites": ",".join(invalid) or "none"})
+    run.set_tags({"invalid_suites": ",".join(invalid) or "none", **classifier_warnings(metrics)})
     out_dir = None
     if run.enabled:
         _log(run, loaded, rows, metrics, omitted)

@@ -22,7 +22,9 @@ kind               ``safety``: harmful prompts (advbench, harmbench, jbb, strong
                    against its reference completion by ``scorer``;
                    ``classification``: a labelled file (``sst2``): the generated reply must be
                    exactly one label (``exact_match``, with ``parse_rate``), and the labels' first-token
-                   log-likelihoods (one forward) pick one (``label_accuracy``)
+                   log-likelihoods (one forward) pick one (``label_accuracy``); per-class ``recall/<label>``,
+                   ``balanced_accuracy`` (and ``label_balanced_accuracy``), ``majority_reply_share``, and a
+                   ``warning.<suite>`` tag when one label is >= 90 % of the replies (a constant classifier)
 data               ``path`` (``data:<path>`` under ``$SST_LAB_DATA_ROOT``, default ``../shared/data``;
                    ``tiny-world:<file>``; or a path relative to the working directory),
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
@@ -797,4 +799,45 @@ def suite_metrics(spec: SuiteSpec, rows: list[dict[str, Any]]) -> tuple[dict[str
     if spec.kind == "classification":
         _rate(out, omitted, f"{p}/parse_rate", count(lambda r: r["parsed"] != ""), len(rows))
         _rate(out, omitted, f"{p}/label_accuracy", count(lambda r: r["correct_loglik"]), len(rows))
+        _classifier_balance(out, omitted, p, rows)
     return out, omitted
+
+
+DEGENERATE_SHARE = 0.9  # one label in at least this share of the replies: a (near-)constant classifier
+
+
+def _classifier_balance(out: dict[str, float], omitted: dict[str, str], p: str, rows: list[dict]) -> None:
+    """Per-class recall (Wilson), balanced accuracy (chance 0.5 for two labels, whatever the class
+    shares) and the share of the most frequent reply: a classifier that answers one label everywhere
+    has exact_match = that label's share of the items, which reads like skill; these show it."""
+    labels = sorted({r["reference"] for r in rows})
+    recalls, recalls_ll = [], []
+    for label in labels:
+        sub = [r for r in rows if r["reference"] == label]
+        _rate(out, omitted, f"{p}/recall/{label}", sum(r["correct"] for r in sub), len(sub))
+        recalls.append(sum(r["correct"] for r in sub) / len(sub))
+        recalls_ll.append(sum(r["correct_loglik"] for r in sub) / len(sub))
+    for name, values in (("balanced_accuracy", recalls), ("label_balanced_accuracy", recalls_ll)):
+        out[f"{p}/{name}"] = sum(values) / len(values)
+        omitted[f"{p}/{name}_ci_low"] = omitted[f"{p}/{name}_ci_high"] = (
+            "a mean of per-class proportions is not one proportion: no Wilson interval (per-class recalls are logged)")
+    replies = [r["parsed"] or "<unparsed>" for r in rows]
+    top = max(set(replies), key=replies.count)
+    out[f"{p}/majority_reply_share"] = replies.count(top) / len(replies)
+    out[f"{p}/label_majority_share"] = max(sum(r["label_by_loglik"] == c for r in rows) for c in labels) / len(rows)
+
+
+def classifier_warnings(metrics: dict[str, float]) -> dict[str, str]:
+    """``warning.<suite>`` tags (and printed lines) for classification suites whose replies are
+    (near-)constant: at least :data:`DEGENERATE_SHARE` of them one label (or unparsed)."""
+    import sys
+
+    tags = {}
+    for key, share in metrics.items():
+        if key.endswith("/majority_reply_share") and share >= DEGENERATE_SHARE:
+            suite = key.split("/")[1]
+            msg = (f"{share:.0%} of the replies are one label: a (near-)constant classifier, whose exact_match "
+                   f"is that label's share of the items; read balanced_accuracy (chance 0.5)")
+            tags[f"warning.{suite}"] = msg
+            print(f"[sst-lab] suite {suite}: {msg}", file=sys.stderr)
+    return tags

@@ -146,3 +146,28 @@ def test_prompts_longer_than_the_context_fail_or_are_skipped_with_a_count(world,
         assert verdicts[1].verdict == "over_context" and verdicts[0].verdict != "over_context"
     finally:
         guard.engine.close()
+
+
+def test_a_constant_classifier_is_shown_for_what_it_is(capsys):
+    """A classifier answering one label everywhere scores exact_match = that label's share (here
+    0.6, which reads like skill); balanced accuracy is 0.5, recall per class shows it, a tag warns."""
+    from sst_lab.evaluate.suites import _classifier_balance, classifier_warnings
+
+    refs = ["negative"] * 6 + ["positive"] * 4
+    rows = [{"reference": ref, "parsed": "negative", "correct": int(ref == "negative"),
+             "label_by_loglik": "negative" if i % 2 else "positive",
+             "correct_loglik": int(ref == ("negative" if i % 2 else "positive"))} for i, ref in enumerate(refs)]
+    out, omitted = {}, {}
+    _classifier_balance(out, omitted, "utility/sst2", rows)
+    assert out["utility/sst2/recall/negative"] == 1.0 and out["utility/sst2/recall/positive"] == 0.0
+    assert out["utility/sst2/balanced_accuracy"] == 0.5 and out["utility/sst2/majority_reply_share"] == 1.0
+    assert out["utility/sst2/recall/positive_ci_high"] < 0.5  # Wilson, n = 4
+    assert out["utility/sst2/label_balanced_accuracy"] == (3 / 6 + 2 / 4) / 2
+    assert "utility/sst2/balanced_accuracy_ci_low" in omitted
+    tags = classifier_warnings(out)
+    assert "100% of the replies are one label" in tags["warning.sst2"]
+    assert "suite sst2" in capsys.readouterr().err
+    rows[0]["parsed"], rows[6]["parsed"] = "positive", "positive"  # 8 of 10 one label: no warning
+    out = {}
+    _classifier_balance(out, {}, "utility/sst2", rows)
+    assert out["utility/sst2/majority_reply_share"] == 0.8 and classifier_warnings(out) == {}
