@@ -106,14 +106,9 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main() -> None:
-    import numpy as np
-    import torch
-
-    from sst_lab.evaluate.engine import HFEngine
-
+def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny-world")
+    ap.add_argument("--model", default="tiny-world", help="a model name (tiny-world, smollm2-135m-instruct-q4) or path")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=48, help="prompts per variant and round")
     ap.add_argument("--batch", type=int, default=16)
@@ -121,7 +116,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", nargs="+", choices=("gen", "mc", "sst2"), default=["gen", "mc", "sst2"])
     ap.add_argument("--sst2_n", type=int, default=48, help="SST-2 dev items per variant and round")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from sst_lab.evaluate.engine import HFEngine
+
+    a = make_parser().parse_args()
     torch.set_num_threads(a.threads)
 
     from sst_lab.data import SST2_LABELS
