@@ -133,7 +133,7 @@ def main() -> None:
     engine = HFEngine.load(a.model, dtype="float32", device="cpu", batch_size=a.batch)
     static = HFEngine(engine.model, engine.tokenizer, name=engine.name, batch_size=a.batch, static_cache=True)
     convs, questions = prompts(a.n)
-    sst = sst2_conversations(a.sst2_n)
+    sst = sst2_conversations(a.sst2_n) if "sst2" in a.parts else []
     letters = ["A", "B", "C", "D"]
     # warm-up and equality checks (outside the timed rounds)
     if "gen" in a.parts:
