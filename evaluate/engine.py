@@ -11,6 +11,11 @@ the same two methods with the same semantics (see ``evaluate/README.md``):
   log-probability (log-softmax over the whole vocabulary) of each letter's single token as the
   first token of the assistant's reply; shape ``(len(prompts), len(letters))``.
 
+Classification suites (SST-2) also need ``generate_with_label_logprobs(conversations,
+max_new_tokens, labels)``: the greedy replies and, from the same prefill, each label's first-token
+log-probability at the reply's first position (the raw logits of the first generation step), so
+the prompt is computed once for both scores. The labels' first tokens must differ (an error if not).
+
 MMLU suites in an lm-eval format also need ``render_text(conversation)`` (the chat-template string
 with the generation prompt), ``encode_pair(context, continuation)`` and
 ``continuation_logprobs(contexts, continuations)``: lm-eval 0.4.x's log-likelihood semantics, i.e.
@@ -175,30 +180,72 @@ class HFEngine:
 
     # ------------------------------------------------------------------------ the protocol
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int) -> list[str]:
-        import torch
-        from transformers import GenerationConfig
-
         return self.generate_ids([self.render(c) for c in conversations], max_new_tokens)
 
     def generate_ids(self, encoded: Sequence[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy continuations of already tokenized prompts (e.g. a classifier's own prompt format)."""
+        return self._generate(encoded, max_new_tokens, None)[0]
+
+    def generate_with_label_logprobs(self, conversations: Sequence[Conversation], max_new_tokens: int,
+                                     labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Greedy replies and, from the same prefill, each label's first-token log-probability at
+        the reply's first position (raw logits of generation step 1, log-softmax over the vocabulary):
+        the prompt is computed once for both. Shape of the scores: ``(len(conversations), len(labels))``."""
+        label_ids = self.label_first_token_ids(labels)
+        texts, logp = self._generate([self.render(c) for c in conversations], max_new_tokens, label_ids)
+        if not np.all(np.isfinite(logp)):
+            raise EngineError(f"model {self.name}: non-finite label log-probabilities")
+        return texts, logp
+
+    def _generate(self, encoded: Sequence[list[int]], max_new_tokens: int,
+                  score_ids: Sequence[int] | None) -> tuple[list[str], np.ndarray | None]:
+        """Greedy decoding in length-sorted, left-padded batches; with ``score_ids``, also the
+        log-softmax of the first step's raw logits (``output_logits``: before any logits processor)
+        at those token ids."""
         import torch
         from transformers import GenerationConfig
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        scoring = score_ids is not None
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id,
-                                  cache_implementation="static" if self.static_cache else None)
+                                  cache_implementation="static" if self.static_cache else None,
+                                  return_dict_in_generate=True, output_logits=scoring)
         out: list[str | None] = [None] * len(encoded)
+        scores = np.zeros((len(encoded), len(score_ids)), dtype=np.float64) if scoring else None
         with torch.inference_mode():
             for batch in length_sorted_batches([len(e) for e in encoded], self.batch_size):
                 ids, mask = self._pad_left([encoded[i] for i in batch])
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                texts = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+                texts = self.tokenizer.batch_decode(gen.sequences[:, ids.shape[1]:], skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     out[i] = text.strip()
-        return [t if t is not None else "" for t in out]
+                if scoring:
+                    first = torch.log_softmax(gen.logits[0].float(), dim=-1)[:, list(score_ids)]
+                    scores[batch] = first.double().cpu().numpy()
+        return [t if t is not None else "" for t in out], scores
+
+    def label_first_token_ids(self, labels: Sequence[str]) -> list[int]:
+        """Each label's first token as the reply's first token: the tokens of (rendered prompt +
+        label) after the prompt's, on the probe conversation. The labels' first tokens must differ,
+        else first-token scoring could not tell them apart (an error naming the labels)."""
+        context = self.render_text(self.PROBE)
+        ctx = self.encode_text(context)
+        ids = []
+        for label in labels:
+            whole = self.encode_text(context + label)
+            if not label or whole[:len(ctx)] != ctx or len(whole) == len(ctx):
+                raise EngineError(f"model {self.name}: label {label!r} does not tokenize as a continuation of "
+                                  "the assistant header (empty label, or it merges with the header's last token)")
+            ids.append(whole[len(ctx)])
+        for j, tok in enumerate(ids):
+            if ids.index(tok) != j:
+                raise EngineError(
+                    f"model {self.name}: labels {labels[ids.index(tok)]!r} and {labels[j]!r} share their first "
+                    f"token {self.tokenizer.convert_ids_to_tokens(tok)!r} (id {tok}); label scoring reads one "
+                    "token per label at the reply's first position, so the labels' first tokens must differ")
+        return ids
 
     def letter_token_ids(self, letters: Sequence[str]) -> list[int]:
         ids = []

@@ -22,9 +22,11 @@ kind               ``safety``: harmful prompts (advbench, harmbench, jbb, strong
                    against its reference completion by ``scorer``;
                    ``classification``: a labelled file (``sst2``): the generated reply must be
                    exactly one label (``exact_match``, with ``parse_rate``), and the labels' first-token
-                   log-likelihoods (one forward) pick one (``label_accuracy``); per-class ``recall/<label>``,
-                   ``balanced_accuracy`` (and ``label_balanced_accuracy``), ``majority_reply_share``, and a
-                   ``warning.<suite>`` tag when one label is >= 90 % of the replies (a constant classifier)
+                   log-likelihoods at the reply's first position pick one (``label_accuracy``); both
+                   come from one pass (the generation's first step scores the labels); per-class
+                   ``recall/<label>``, ``balanced_accuracy`` (and ``label_balanced_accuracy``),
+                   ``majority_reply_share``, and a ``warning.<suite>`` tag when one label is >= 90 %
+                   of the replies (a constant classifier)
 data               ``path`` (``data:<path>`` under ``$SST_LAB_DATA_ROOT``, default ``../shared/data``;
                    ``tiny-world:<file>``; or a path relative to the working directory),
                    ``format`` (a loader name or ``auto``), optional ``split`` (MMLU: test/val),
@@ -649,9 +651,10 @@ def _infer_labels(items: Sequence[EvalItem], engine: Any, max_new_tokens: int) -
     labels = items[0].choices or ()
     if any(i.choices != labels for i in items):
         raise SuiteError("classification items must share one label set")
-    convs = [i.conversation for i in items]
-    responses = engine.generate(convs, max_new_tokens)
-    logp = engine.choice_logprobs(convs, labels)
+    if not hasattr(engine, "generate_with_label_logprobs"):
+        raise SuiteError(f"engine {getattr(engine, 'name', engine)!r} cannot score labels from its generation's "
+                         "first step (generate_with_label_logprobs), which classification suites need")
+    responses, logp = engine.generate_with_label_logprobs([i.conversation for i in items], max_new_tokens, labels)
     rows = []
     for item, r, lp in zip(items, responses, logp):
         parsed, scored = parse_label(r, labels), labels[int(lp.argmax())]

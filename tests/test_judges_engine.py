@@ -161,6 +161,55 @@ def test_batched_letter_logprobs_equal_unbatched(tiny):
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+def _first_position_logprobs(model, tok, engine, conversations, labels):
+    """Reference: one unpadded forward per prompt, log-softmax of the last position's logits."""
+    import torch
+
+    ids = engine.label_first_token_ids(labels)
+    out = np.zeros((len(conversations), len(labels)))
+    with torch.inference_mode():
+        for i, conv in enumerate(conversations):
+            logits = model(input_ids=torch.tensor([engine.render(conv)]), use_cache=False).logits[0, -1]
+            out[i] = torch.log_softmax(logits.float(), -1)[ids].double().numpy()
+    return out
+
+
+def test_label_logprobs_from_the_generation_prefill_equal_a_separate_forward(tiny):
+    """One pass (generate with the first step's raw logits) gives the same replies as generate()
+    and the same label log-probs as a separate unpadded forward, in left-padded batches of
+    prompts of different lengths; the real SST-2 suite scores the tiny model's multi-token labels
+    by their first tokens (the old per-label one-token rule refused them)."""
+    from sst_lab.data import SST2_LABELS
+    from sst_lab.evaluate.suites import infer, load_items, load_suite
+
+    model, tok = tiny
+    engine = HFEngine(model, tok, name="tiny-world", batch_size=3)
+    convs = _conversations()
+    lengths = [len(engine.render(c)) for c in convs]
+    assert any(len({lengths[i] for i in b}) > 1 for b in length_sorted_batches(lengths, 3))  # padding happens
+    texts, logp = engine.generate_with_label_logprobs(convs, 8, SST2_LABELS)
+    assert texts == engine.generate(convs, 8) and any(texts)
+    ref = _first_position_logprobs(model, tok, engine, convs, SST2_LABELS)
+    assert logp.shape == (len(convs), 2) and np.all(logp < 0)
+    np.testing.assert_allclose(logp, ref, rtol=0, atol=1e-5)
+
+    loaded = load_items(load_suite("sst2-dev"), limit=5)
+    rows = infer(loaded, engine)
+    ref = _first_position_logprobs(model, tok, engine, [i.conversation for i in loaded.items], SST2_LABELS)
+    got = np.array([[r[f"logprob_{c}"] for c in SST2_LABELS] for r in rows])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert [r["label_by_loglik"] for r in rows] == [SST2_LABELS[int(k)] for k in ref.argmax(1)]
+
+
+def test_labels_sharing_a_first_token_are_refused(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok, name="tiny-world")
+    with pytest.raises(EngineError, match=r"tiny-world.*'positive' and 'positively' share their first token"):
+        engine.generate_with_label_logprobs(_conversations()[:1], 2, ["negative", "positive", "positively"])
+    with pytest.raises(EngineError, match="label ''"):
+        engine.label_first_token_ids(["", "positive"])
+
+
 def test_engine_errors_name_the_model(tiny):
     model, tok = tiny
     engine = HFEngine(model, tok, name="tiny-world")
