@@ -366,46 +366,38 @@ def run_evaluation(plan: Plan, run: Any, tracking_uri: str | None, work: Path, s
         seconds[suite.spec.name] = time.perf_counter() - t
     engine.close()
 
-    if guarded:
-        judge = GuardJudge.load(args.guard_model, dtype=args.dtype, device=shards.device, batch_size=args.batch_size)
-        for suite in guarded:
+    def judge_suites(suites: list[LoadedSuite], judge: Any, call: Any, apply: Any) -> None:
+        """Judge every suite's rows with ``call(rows) -> verdicts`` (after the model under test is
+        unloaded), record them with ``apply``, then unload the judge."""
+        for suite in suites:
             t = time.perf_counter()
             suite_rows = rows[suite.spec.name]
-            verdicts = shards.map(lambda part: judge.judge([r["prompt"] for r in part], [r["response"] for r in part]),
-                                  suite_rows)
-            apply_guard(suite_rows, verdicts, judge.label)
+            apply(suite_rows, shards.map(call, suite_rows), judge.label)
             seconds[suite.spec.name] += time.perf_counter() - t
         judge.engine.close()
 
+    def on_replies(judge: Any) -> Any:
+        return lambda part: judge.judge([r["prompt"] for r in part], [r["response"] for r in part])
+
+    if guarded:
+        judge = GuardJudge.load(args.guard_model, dtype=args.dtype, device=shards.device, batch_size=args.batch_size)
+        judge_suites(guarded, judge, on_replies(judge), apply_guard)
     classified = [s for s in loaded if TEMPLATE_JUDGE in s.spec.judges]
     if classified:
         classifier = TemplateJudge.load(args.classifier_model, args.classifier_template, dtype=args.dtype,
                                         device=shards.device, batch_size=args.batch_size)
+
         def classify(part: list[dict]) -> list:
             behaviours, responses, contexts = classifier_inputs(part)
             return classifier.judge(behaviours, responses, contexts=contexts)
 
-        for suite in classified:
-            t = time.perf_counter()
-            suite_rows = rows[suite.spec.name]
-            verdicts = shards.map(classify, suite_rows)
-            apply_classifier(suite_rows, verdicts, classifier.label)
-            seconds[suite.spec.name] += time.perf_counter() - t
-        classifier.engine.close()
-
+        judge_suites(classified, classifier, classify, apply_classifier)
     graded = [s for s in loaded if RUBRIC_JUDGE in s.spec.judges]
-    if graded:  # after the model under test is unloaded, as the guard
+    if graded:
         grader = RubricJudge.load(args.rubric_model, args.rubric_template, args.rubric_system_template,
                                   dtype=args.dtype, device=shards.device, batch_size=args.batch_size,
                                   max_new_tokens=args.rubric_max_new_tokens)
-        for suite in graded:
-            t = time.perf_counter()
-            suite_rows = rows[suite.spec.name]
-            verdicts = shards.map(lambda part: grader.judge([r["prompt"] for r in part], [r["response"] for r in part]),
-                                  suite_rows)
-            apply_rubric(suite_rows, verdicts, grader.label)
-            seconds[suite.spec.name] += time.perf_counter() - t
-        grader.engine.close()
+        judge_suites(graded, grader, on_replies(grader), apply_rubric)
 
     metrics: dict[str, float] = {}
     omitted: dict[str, str] = {}
