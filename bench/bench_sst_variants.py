@@ -14,8 +14,8 @@ table of merge/README.md (mean and a 95 % t-interval over seeds). Every run is i
     .venv/bin/python bench/bench_sst_variants.py --utility_adapter U --safety_adapter S --seeds 1 2 3 \
         --out outputs/bench-sst/results.jsonl
     # SmolLM2: the adapters of each seed of a study, evaluated on the VALIDATION split
-    .venv/bin/python bench/bench_sst_variants.py --model smollm2 --adapters_store sqlite:///STORE.db \
-        --adapters_study smollm2-select --seeds 1 2 3 --k 8 --alpha 1 --out outputs/bench-sst/smollm2.jsonl
+    .venv/bin/python bench/bench_sst_variants.py --model smollm2-heldout --adapters_store sqlite:///STORE.db \
+        --adapters_study smollm2-heldout --seeds 1 2 3 --k 8 --alpha 1 --out outputs/bench-sst/smollm2.jsonl
     .venv/bin/python bench/bench_sst_variants.py --table outputs/bench-sst/results.jsonl
 """
 
@@ -45,6 +45,10 @@ MODELS = {
     "tiny": ("configs/merge/tiny.yaml", "configs/evaluate/tiny.yaml", ["harmful-demo", "task-demo"], []),
     "smollm2": ("configs/merge/smollm2.yaml", "configs/evaluate/smollm2.yaml", ["advbench-keyword", "sst2-dev"],
                 ["--split", "validation", "--preset", "minimal", "--minimal_n", "48"]),
+    # the real study's protocol (configs/studies/smollm2-heldout.yaml): SST-2 validation carved from train
+    "smollm2-heldout": ("configs/merge/smollm2-heldout.yaml", "configs/evaluate/smollm2-heldout.yaml",
+                        ["advbench-keyword", "sst2-heldout"],
+                        ["--split", "validation", "--preset", "minimal", "--minimal_n", "48"]),
 }
 
 
@@ -97,7 +101,7 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
            "eval_run": eval_run.info.run_id}
     row.update({k: merge_run.data.metrics[f"merge/{k}"] for k in MERGE_KEYS if f"merge/{k}" in merge_run.data.metrics})
     row.update({k: v for k, v in eval_run.data.metrics.items()
-                if k.endswith(("refusal_rate", "exact_match", "/n", "compliance_rate_safe"))})
+                if k.endswith(("refusal_rate", "exact_match", "balanced_accuracy", "/n", "compliance_rate_safe"))})
     return row
 
 
@@ -106,6 +110,7 @@ def table(path: Path) -> str:
     cols = {"safety/harmful-demo/refusal_rate": "refusal", "utility/task-demo/exact_match": "task EM",
             "safety/advbench-keyword/refusal_rate": "refusal AdvBench", "utility/sst2-dev/exact_match": "SST-2 EM",
             "utility/sst2-dev/label_accuracy": "SST-2 label acc.",
+            "utility/sst2-heldout/balanced_accuracy": "SST-2 bal. acc.",
             "fidelity/safety_measured_change": "ΔL_s measured", "fidelity/safety_predicted_change": "ΔL_s predicted",
             "fidelity/utility_measured_change": "ΔL_u measured", "fidelity/utility_predicted_change": "ΔL_u predicted",
             "subspace_overlap/mean": "overlap", "eigengap_at_k/mean": "gap λk/λk+1",
