@@ -15,16 +15,16 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from sst_lab.config import ConfigError
 from sst_lab.data import load_training_records, sample, training_items
 from sst_lab.adapters import ITEMS_FILE, check_adapter_folder, describe
-from sst_lab.held_out import exclude_held_out, parse_ref
+from sst_lab.held_out import check_refs, exclude_held_out
 from sst_lab.io import atomic_dir, is_complete, write_json_atomic
 from sst_lab.merge.lora import (AdapterWeights, MergePlan, factorise_exact, plan_merge, read_adapter, refactorise,
                                 write_adapter, zero_factors)
@@ -67,6 +67,7 @@ class MergeArguments:
     fisher_utility_data: str = field(default="tiny-world:utility_train.jsonl", metadata={
         "help": "Utility Fisher data, any training format."})
     fisher_format: str = field(default="auto", metadata={"help": "Format of both Fisher data sets."})
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("fisher_exclude_items_of",)  # sst_lab.config.to_dict
     fisher_exclude_items_of: list[str] | None = field(default=None, metadata={
         "help": "Evaluation suite splits '<suite>:<validation|test>' whose items (by id or prompt_sha) leave both "
                 "Fisher data sets before the examples are drawn (as train's exclude_items_of: the Fisher examples "
@@ -122,11 +123,7 @@ class MergeArguments:
         if self.k is not None and self.k < 0:
             raise ConfigError(f"k must be >= 0, got {self.k}")
         if self.fisher_exclude_items_of is not None:
-            if isinstance(self.fisher_exclude_items_of, str) or not self.fisher_exclude_items_of:
-                raise ConfigError("fisher_exclude_items_of must be a non-empty list of '<suite>:<split>', "
-                                  f"got {self.fisher_exclude_items_of!r}")
-            for ref in self.fisher_exclude_items_of:
-                parse_ref(ref, "fisher_exclude_items_of")
+            check_refs(self.fisher_exclude_items_of, "fisher_exclude_items_of")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.fisher_point not in FISHER_POINTS:
@@ -135,13 +132,6 @@ class MergeArguments:
         if self.method not in FISHER_METHODS and any(getattr(self, n) != defaults[n] for n in ("curvature",
                                                                                             "fisher_point")):
             raise ConfigError(f"curvature/fisher_point are options of {FISHER_METHODS}; method is {self.method!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields; ``fisher_exclude_items_of`` only when set (runs without it keep their config ids)."""
-        out = asdict(self)
-        if self.fisher_exclude_items_of is None:
-            del out["fisher_exclude_items_of"]
-        return out
 
     def method_params(self, k: int | None = None) -> MethodParams:
         given = {"weights": tuple(self.weights) if self.weights is not None else None, "density": self.density,

@@ -119,7 +119,13 @@ def _check_keys(configs: Sequence[str | Path], types: Sequence[type]) -> None:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass (or TrainingArguments) as a plain dict of its fields."""
+    """A dataclass (or TrainingArguments) as a plain dict of its fields. Fields a dataclass names in its
+    class attribute ``OMIT_WHEN_NONE`` (fields added after runs were logged) are left out while they
+    are None, so the config ids of those runs (hashes of this dict) stay what they were."""
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    return dataclasses.asdict(obj)
+    out = dataclasses.asdict(obj)
+    for name in getattr(type(obj), "OMIT_WHEN_NONE", ()):
+        if out[name] is None:
+            del out[name]
+    return out

@@ -40,6 +40,14 @@ def parse_ref(ref: str, field_name: str = "exclude_items_of") -> tuple[str, str]
     return suite, split
 
 
+def check_refs(refs: Any, field_name: str) -> None:
+    """A config field of suite-split references: a non-empty list whose every entry parses."""
+    if isinstance(refs, str) or not refs:
+        raise ConfigError(f"{field_name} must be a non-empty list of '<suite>:<split>', got {refs!r}")
+    for ref in refs:
+        parse_ref(ref, field_name)
+
+
 def held_out_items(refs: list[str], field_name: str = "exclude_items_of") -> HeldOut:
     """Load every ``<suite>:<split>`` of ``refs``; a missing suite or data file fails naming it."""
     from sst_lab.evaluate.splits import SplitError, load_split

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -15,7 +15,7 @@ from sst_lab.io import atomic_dir, write_json_atomic
 from sst_lab.models import (ALL_PROJECTIONS, check_target_modules, require_cuda_for_quantization, resolve_model_path,
                             write_base_record)
 from sst_lab.redact import redact_text, redact_when_pickled
-from sst_lab.held_out import HELD_OUT_FILE, exclude_held_out, parse_ref
+from sst_lab.held_out import HELD_OUT_FILE, check_refs, exclude_held_out
 
 ROLES = ("utility", "safety", "other")
 
@@ -33,6 +33,7 @@ class TrainArguments:
     sample_size: int | None = field(default=None, metadata={
         "help": "Train on a deterministic subset of this many items drawn with the seed (default: all)."})
     role: str = field(default="utility", metadata={"help": "utility | safety | other (tag and run name)."})
+    OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ("exclude_items_of",)  # sst_lab.config.to_dict
     exclude_items_of: list[str] | None = field(default=None, metadata={
         "help": "Evaluation suite splits '<suite name or YAML path>:<validation|test>' whose items (by id or "
                 "prompt_sha) are removed from the rows before the sample is drawn (e.g. sst2-heldout:validation)."})
@@ -41,20 +42,9 @@ class TrainArguments:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.exclude_items_of is not None:
-            if isinstance(self.exclude_items_of, str) or not self.exclude_items_of:
-                raise ConfigError("exclude_items_of must be a non-empty list of '<suite>:<split>', "
-                                  f"got {self.exclude_items_of!r}")
-            for ref in self.exclude_items_of:
-                parse_ref(ref)
+            check_refs(self.exclude_items_of, "exclude_items_of")
         if self.sample_size is not None and self.sample_size <= 0:
             raise ConfigError(f"sample_size must be a positive integer, got {self.sample_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields; ``exclude_items_of`` only when set (runs without it keep their config ids)."""
-        out = asdict(self)
-        if self.exclude_items_of is None:
-            del out["exclude_items_of"]
-        return out
 
 
 def resolve_dataset_name(name: str | None) -> str:
