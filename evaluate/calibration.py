@@ -445,6 +445,14 @@ def run_calibration(args: CalibrateArguments, tracking: Any) -> tuple[str | None
 
 
 # ------------------------------------------------------------------------------ links from other stages
+def _get_run(client: Any, run_id: str) -> Any:
+    """A listed calibration run, or an error naming it."""
+    try:
+        return client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001  (MLflow raises several types for an unknown id)
+        raise CalibrationError(f"calibration_runs: run {run_id} not found: {exc}") from None
+
+
 def find_calibration_run(judge_id: str, tracking_uri: str | None, explicit: str | None = None) -> tuple[str, str]:
     """``(run id or "none", how)`` for the calibration of ``judge_id``.
 
@@ -460,10 +468,7 @@ def find_calibration_run(judge_id: str, tracking_uri: str | None, explicit: str 
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     if explicit:
-        try:
-            r = client.get_run(explicit)
-        except Exception as exc:  # noqa: BLE001  (MLflow raises several types for an unknown id)
-            raise CalibrationError(f"calibration_runs: run {explicit} not found: {exc}") from None
+        r = _get_run(client, explicit)
         t = r.data.tags
         if t.get("stage") != "calibrate" or t.get("calibrate.judge_id") != judge_id or r.info.status != "FINISHED":
             raise CalibrationError(f"calibration_runs: run {explicit} is not a FINISHED calibrate run of {judge_id} "
@@ -497,10 +502,7 @@ def calibration_tags(judge_ids: dict[str, str], explicit: Sequence[str], trackin
     if explicit:
         client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
         for rid in explicit:
-            try:
-                jid = client.get_run(rid).data.tags.get("calibrate.judge_id", "")
-            except Exception as exc:  # noqa: BLE001
-                raise CalibrationError(f"calibration_runs: run {rid} not found: {exc}") from None
+            jid = _get_run(client, rid).data.tags.get("calibrate.judge_id", "")
             if jid not in judge_ids.values():
                 raise CalibrationError(f"calibration_runs: run {rid} calibrates {jid or 'no judge'!r}, which this "
                                        f"evaluation does not use (judges: {sorted(judge_ids.values())})")
