@@ -2,16 +2,13 @@
 
 Splits run on the real benchmark files. The selection study runs the real sweep, the real select
 stage and real MLflow records, with fake train/merge/evaluate/compare scripts that start in a
-second and log deterministic numbers (as tests/test_study.py does).
+second and log deterministic numbers (tests/test_study.py's FAKE_STAGE).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +16,13 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_DATA, stage_env
+from conftest import SHARED_DATA
 from sst_lab.config import ConfigError
 from sst_lab.evaluate.splits import SplitError, hash_assign, load_split
 from sst_lab.evaluate.suites import SuiteError, load_items, load_suite, parse_suite
 from sst_lab.tracking import study as st
 from sst_lab.tracking.selection import SelectionError, choose, Candidate
+from test_study import run_sweep, write_fake_stages
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "xstest").is_dir(), reason="../shared/data not present")
 
@@ -90,55 +88,8 @@ def test_rule_picks_the_most_safety_within_delta_and_says_when_nothing_qualifies
 
 
 # ------------------------------------------------------------------------- a fake-stage study
-FAKE = textwrap.dedent('''
-    import hashlib, json, os, sys
-    from pathlib import Path
-    import mlflow
-    from sst_lab.tracking.run import stage_run
-
-    stage = Path(sys.argv[0]).stem
-    args, key = {}, None
-    for a in sys.argv[1:]:
-        if a.startswith("--"):
-            key = a[2:]
-            args[key] = []
-        else:
-            args[key].append(a)
-    cfg = {k: " ".join(v) for k, v in args.items()}
-    client = mlflow.MlflowClient()
-    for_id, tags = dict(cfg), {"seed": int(cfg["seed"]), "role": "x"}
-    for flag in ("utility_adapter", "safety_adapter", "adapter", "candidate", "reference"):
-        if flag in cfg:
-            up = client.get_run(cfg[flag])
-            for_id[flag] = "config:" + up.data.tags["config_id"]
-    if stage == "train":
-        tags["role"] = cfg.get("config", "").split("/")[-1].split(".")[0]
-    if stage == "merge":
-        tags.update(role="merged", merge_method=cfg["method"])
-    if stage == "evaluate":
-        up = client.get_run(cfg["adapter"]) if "adapter" in cfg else None
-        tags.update(split=cfg.get("split", "all"), role=up.data.tags["role"] if up else "base",
-                    adapter_run_id=cfg.get("adapter", "none"))
-    with stage_run(stage=stage, study=cfg["study"], config={"fake": cfg}, config_for_id={"fake": for_id},
-                   tags=tags, run_name=stage) as run:
-        h = lambda s: int(hashlib.sha256(f"{s}{run.tags['config_id']}{cfg['seed']}".encode()).hexdigest()[:8], 16) / 16**8
-        if stage == "evaluate":
-            run.log_metrics({"safety/harm/refusal_rate": h("s"), "utility/task/exact_match": 0.9 - 0.2 * h("u"),
-                             "utility/mmlu/accuracy": 0.25})
-        elif stage == "compare":
-            run.log_metrics({"compare/safety_gain": h("g"), "compare/utility_loss": h("l")})
-        elif stage == "train":
-            run.log_metrics({"train/loss": h("loss")})
-    print(f"run_id: {run.run_id}")
-''')
-
-
 def _study(d: Path, name: str, families: dict, budget: int = 2, **extra) -> Path:
-    for stage in st.PIPELINE:
-        (d / f"{stage}.py").write_text(FAKE)
-    (d / "model.yaml").write_text("model_name_or_path: fake-org/fake-model\n")
-    (d / "utility.yaml").write_text("x: 1\n")
-    (d / "safety.yaml").write_text("x: 2\n")
+    write_fake_stages(d)
     methods = [{"name": lab, "method": fam, "args": {"p": i}} for fam, labs in families.items()
                for i, lab in enumerate(labs)]
     data = {"name": name, "models": [{"name": "fake", "configs": [str(d / "model.yaml")]}],
@@ -165,13 +116,7 @@ def selected(tmp_path_factory):
     d = tmp_path_factory.mktemp("sel")
     path = _study(d, "sel", {"a": ["a1", "a2"], "b": ["b1", "b2"]})
     uri = f"sqlite:///{d}/mlflow.db"
-    fakes = {s: (str(d / f"{s}.py"), st.STAGE_SPECS[s].output_dir) for s in st.PIPELINE}
-    code = ("import sys; from sst_lab.tracking import study as st; from sst_lab.tracking.sweep import main\n"
-            f"st.STAGE_SPECS.update({{k: st.StageSpec(*v) for k, v in {fakes!r}.items()}})\n"
-            "sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "--config", str(path), "--tracking_uri", uri,
-                           "--output_root", str(d / "outputs"), "--workers", "2"],
-                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=1800)
+    proc = run_sweep(path, uri, write_fake_stages(d), "--workers", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sel").experiment_id], max_results=5000)

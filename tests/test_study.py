@@ -32,7 +32,10 @@ from sst_lab.tracking.run import ensure_experiment, stage_run
 
 # ------------------------------------------------------------------------------ fake stages
 FAKE_STAGE = textwrap.dedent('''
-    """A stand-in stage: parses --key value args, logs deterministic metrics, prints run_id."""
+    """A stand-in stage: parses --key value args, logs deterministic metrics, prints run_id.
+
+    The one fake of the sweep tests (test_study, test_selection, test_concurrent_sweeps, test_postgres).
+    """
     import hashlib, json, os, sys, time
     from pathlib import Path
     import mlflow
@@ -63,6 +66,10 @@ FAKE_STAGE = textwrap.dedent('''
     seed = int(cfg["seed"])
     role = {"train": cfg.get("role", "utility"), "merge": "merged", "compare": "compare"}.get(stage, "x")
     extra = {"merge_method": cfg["method"]} if stage == "merge" else {}
+    if stage == "evaluate":  # the split it scored and the role of the adapter it scored, as evaluate tags them
+        up = client.get_run(cfg["adapter"]) if "adapter" in cfg else None
+        role = up.data.tags["role"] if up else "base"
+        extra = {"split": cfg.get("split", "all"), "adapter_run_id": cfg.get("adapter", "none")}
     with stage_run(stage=stage, study=cfg["study"], config={"fake": cfg}, config_for_id={"fake": for_id},
                    tags={"role": role, "seed": seed, "upstream_run_ids": ",".join(ups) or "none", **extra},
                    run_name=node or stage) as run:
@@ -73,7 +80,9 @@ FAKE_STAGE = textwrap.dedent('''
         if stage == "evaluate":
             run.log_metrics({"safety/harm/refusal_rate": h("s") * 0.5 + 0.05 * seed,
                              "safety/harm/refusal_rate_ci_low": 0.0, "safety/harm/n": 50,
-                             "overrefusal/xs/compliance_rate_safe": h("o"), "utility/task/exact_match": h("u") + 0.01 * seed})
+                             "overrefusal/xs/compliance_rate_safe": h("o"),
+                             "utility/task/exact_match": 0.9 - 0.2 * h("u") + 0.01 * seed,
+                             "utility/mmlu/accuracy": 0.25})
         elif stage == "compare":
             run.log_metrics({"compare/safety_gain": h("g") + 0.1 * seed, "compare/utility_loss": h("l") * 0.1,
                              "compare/safety_tax": h("t") + 0.02 * seed, "compare/safety_p_value": 0.01})
