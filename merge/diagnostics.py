@@ -11,7 +11,11 @@ Per module (pure tensor functions, float64):
   of the Fisher data).
 With a model (``heldout_loss``): the mean NLL of held-out Fisher-data examples at the point the merge
 step starts from (base + utility + safety) and at the merged model, so the predicted change can be
-compared with the measured one (``curvature fidelity = predicted / measured``).
+compared with the measured one (``curvature fidelity = predicted / measured``), and the gradient of that
+loss with respect to each safety core at the step's start (``heldout_core_gradient``), for the
+first-order term ``g^T delta`` of the second-order Taylor model ``g^T delta + 0.5 delta^T F delta``: away
+from a minimum the first-order term can dominate, and the quadratic term alone then says little about
+the curvature.
 """
 
 from __future__ import annotations
@@ -93,6 +97,37 @@ def heldout_loss(model, batches: list[dict]) -> float:
     if n == 0:
         raise ValueError("heldout_loss: no held-out examples")
     return total / n
+
+
+def heldout_core_gradient(model, batches: list[dict], adapter_name: str = "safety") -> dict[str, Tensor]:
+    """Per module, ``dL/dM`` at the trained core ``M = I`` of ``L = heldout_loss(model, batches)`` (the
+    mean over examples of their ``G_i`` with the data's labels), ``[r, r]`` float64, ``vec`` row-major
+    as ``spectrum_stats``' ``delta``."""
+    from sst_lab.merge.fisher import per_example_core_grads
+
+    sums: dict[str, Tensor] = {}
+    n = 0
+    for batch in batches:
+        for name, G in per_example_core_grads(model, batch, adapter_name).items():
+            total = G.to(torch.float64).sum(0)
+            sums[name] = sums[name] + total if name in sums else total
+        n += batch["input_ids"].shape[0]
+    if n == 0:
+        raise ValueError("heldout_core_gradient: no held-out examples")
+    return {name: total / n for name, total in sums.items()}
+
+
+def first_order_change(grads: dict[str, Tensor], cores: dict[str, Tensor], alpha: float) -> float:
+    """``sum over modules of <g, alpha M' - I>``: the first-order Taylor term of the merge step."""
+    missing = sorted(set(cores) - set(grads))
+    if missing:
+        raise ValueError(f"first_order_change: no gradient for {len(missing)} merged modules (e.g. {missing[0]})")
+    total = 0.0
+    for name, M in cores.items():
+        M = M.to(torch.float64)
+        delta = alpha * M - torch.eye(M.shape[0], dtype=torch.float64)
+        total += float((grads[name] * delta).sum())
+    return total
 
 
 def set_safety_cores(model, cores: dict[str, Tensor], scale: float) -> dict[str, Tensor]:

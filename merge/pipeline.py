@@ -258,9 +258,12 @@ def _fisher(args: MergeArguments, inputs: Inputs) -> FisherContext:
 def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: float,
                      report_modules: dict[str, dict]) -> dict[str, float]:
     """Held-out loss change of the merge step (base + utility + safety -> merged) on each Fisher data
-    set, beside the quadratic model's prediction (sum over modules of ``0.5 delta^T F delta``)."""
-    from sst_lab.merge.diagnostics import fidelity, heldout_loss, restore_safety_b, set_safety_cores
+    set, beside the quadratic model's prediction (sum over modules of ``0.5 delta^T F delta``) and the
+    second-order Taylor model's (``g^T delta`` added, ``g`` the held-out loss gradient at the start)."""
+    from sst_lab.merge.diagnostics import (fidelity, first_order_change, heldout_core_gradient, heldout_loss,
+                                           restore_safety_b, set_safety_cores)
 
+    grads = {w: heldout_core_gradient(ctx.model, b) for w, b in ctx.heldout.items()}
     before = {w: heldout_loss(ctx.model, b) for w, b in ctx.heldout.items()}
     saved = set_safety_cores(ctx.model, cores, alpha)
     try:
@@ -273,12 +276,16 @@ def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: 
         if not all(key in m for m in report_modules.values()):
             continue
         predicted = sum(m[key] for m in report_modules.values())
+        first = first_order_change(grads[which], cores, alpha)
         measured = after[which] - before[which]
         out.update({f"fidelity/{which}_loss_before": before[which], f"fidelity/{which}_loss_after": after[which],
-                    f"fidelity/{which}_measured_change": measured, f"fidelity/{which}_predicted_change": predicted})
-        ratio = fidelity(predicted, measured)
-        if ratio is not None:
-            out[f"fidelity/{which}_ratio"] = ratio
+                    f"fidelity/{which}_measured_change": measured, f"fidelity/{which}_predicted_change": predicted,
+                    f"fidelity/{which}_first_order_change": first,
+                    f"fidelity/{which}_taylor_predicted_change": first + predicted})
+        for name, value in (("ratio", predicted), ("taylor_ratio", first + predicted)):
+            ratio = fidelity(value, measured)
+            if ratio is not None:
+                out[f"fidelity/{which}_{name}"] = ratio
     return out
 
 

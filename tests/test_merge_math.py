@@ -454,6 +454,38 @@ def test_fisher_blocks_and_diag(both_model) -> None:
         assert rel(diag[name], F.diagonal()) < 1e-6
 
 
+def test_first_order_term_is_the_held_out_loss_gradient(both_model) -> None:
+    """``first_order_change(heldout_core_gradient(...))`` along a step equals the central difference of
+    ``heldout_loss`` along the safety cores ``I + eps D`` (the loss is float32: eps 1e-2 keeps its rounding
+    below the tolerance; the central difference's own error is O(eps^2))."""
+    from sst_lab.merge.diagnostics import (first_order_change, heldout_core_gradient, heldout_loss,
+                                           restore_safety_b, set_safety_cores)
+
+    model = both_model
+    batches = [make_batch([10, 8], T=10, seed=3), make_batch([6, 9, 10], T=10, seed=4)]
+    g = heldout_core_gradient(model, batches)
+    names = read_adapter_names(model)
+    assert sorted(g) == sorted(names) and all(v.shape == (R_S, R_S) for v in g.values())
+    gen = torch.Generator().manual_seed(5)
+    eye = torch.eye(R_S, dtype=torch.float64)
+    D = {n: torch.randn(R_S, R_S, generator=gen, dtype=torch.float64) for n in names}
+    eps = 1e-2
+
+    def loss_at(sign: float) -> float:
+        saved = set_safety_cores(model, {n: eye + sign * eps * d for n, d in D.items()}, 1.0)
+        try:
+            return heldout_loss(model, batches)
+        finally:
+            restore_safety_b(model, saved)
+
+    numeric = (loss_at(1.0) - loss_at(-1.0)) / (2 * eps)
+    assert abs(numeric) > 1e-3  # a step the loss responds to
+    # delta = alpha M' - I: M' = (I + D) / 2 at alpha 2 is the step D
+    assert first_order_change(g, {n: (eye + d) / 2 for n, d in D.items()}, 2.0) == pytest.approx(numeric, rel=2e-3)
+    with pytest.raises(ValueError, match="no gradient for 1 merged modules"):
+        first_order_change({n: g[n] for n in names[1:]}, D, 1.0)
+
+
 def test_activate_adapters_sums_both(base_dir, adapters, both_model) -> None:
     """Both adapters active == base weights plus dW_u + dW_s (a check that both really run)."""
     u, s = read_adapter(adapters[0]), read_adapter(adapters[1])

@@ -67,6 +67,7 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     assert m["merge/fisher_safety_n"] > 0 and m["merge/fisher_utility_n"] > 0
     assert run.data.params["merge.k"] == "16" and run.data.params["merge.eps_rel"] == "null"
     for key in ("fidelity/safety_measured_change", "fidelity/safety_predicted_change", "fidelity/utility_loss_after",
+                "fidelity/safety_first_order_change", "fidelity/utility_taylor_predicted_change",
                 "subspace_overlap/mean", "eigengap_at_k/min", "effective_rank_fisher_utility/mean",
                 "core_in_eps_dominated/max", "fisher_safety_heldout_n"):
         assert math.isfinite(m[f"merge/{key}"]), key
