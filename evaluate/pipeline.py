@@ -203,7 +203,10 @@ def plan_evaluation(args: EvaluateArguments, tracking: Any, work: Path) -> Plan:
     if adapter is not None and args.trained_elsewhere and not (
             is_complete(adapter.path) and (Path(adapter.path) / ITEMS_FILE).is_file()):
         tags["adapter_trained_elsewhere"] = "true"
-    run_name = args.run_name or f"eval-{role}-{Path(base).name}-{args.preset}-s{args.seed}"
+    # stage, role, merge setting and split first: the MLflow UI cuts long names
+    setting = (adapter.tags.get("merge_setting") or adapter.tags.get("merge_method")) if adapter is not None else None
+    lead = "-".join(x for x in (role, setting, None if args.split == "all" else args.split) if x)
+    run_name = args.run_name or f"eval-{lead}-{Path(base).name}-{args.preset}-s{args.seed}"
     return Plan(args=args, base_model=base, adapter=adapter, role=role, suites=suites, tags=tags,
                 config=config, config_for_id=for_id, run_name=run_name)
 

@@ -34,16 +34,18 @@ def main(argv=None) -> int:
         sizes = {inputs.utility.tags.get("sample_size"), inputs.safety.tags.get("sample_size")}
         size = sizes.pop() if len(sizes) == 1 else (f"utility={inputs.utility.tags.get('sample_size')},"
                                                     f"safety={inputs.safety.tags.get('sample_size')}")
+        weights = ",".join(str(w) for w in args.weights) if args.weights is not None else None
         setting = "-".join(f"{k}{v}" for k, v in (("k", args.k), ("kg", args.k_global), ("a", args.alpha),
-                                                   ("d", args.density)) if v is not None)
-        run_name = args.run_name or f"merge-{args.method}{'-' + setting if setting else ''}-" \
-                                    f"{Path(inputs.base_model).name}-n{size}-s{args.seed}"
+                                                   ("d", args.density), ("l", args.ties_lambda), ("w", weights))
+                           if v is not None)
+        setting = args.method + ("-" + setting if setting else "")  # what tells merges apart, first in names
+        run_name = args.run_name or f"merge-{setting}-{Path(inputs.base_model).name}-n{size}-s{args.seed}"
         out_dir = Path(args.output_dir or Path("outputs") / tracking.study / run_name)
         config = redact({"merge": to_dict(args), "tracking": to_dict(tracking)})
         for_id = {"merge": {**config["merge"], "utility_adapter": inputs.utility.identity,
                             "safety_adapter": inputs.safety.identity}}
         tags = {"base_model": inputs.base_model, "role": "merged", "merge_method": args.method,
-                "sample_size": size, "seed": args.seed,
+                "merge_setting": setting, "sample_size": size, "seed": args.seed,
                 "upstream_run_ids": ",".join(lineage_ids(inputs.utility, inputs.safety)) or "none",
                 "utility_run_id": inputs.utility.run_id or "none", "safety_run_id": inputs.safety.run_id or "none"}
         if inputs.trained_elsewhere:

@@ -59,6 +59,7 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["stage"] == "merge" and tags["role"] == "merged" and tags["merge_method"] == "sst"
+    assert run.info.run_name.startswith(f"merge-{tags['merge_setting']}-") and tags["merge_setting"] == "sst-k16-a1.0"
     assert tags["upstream_run_ids"].split(",") == [trained.utility_run, trained.safety_run]
     m = run.data.metrics
     assert m["merge/k/mean"] == 16 and 0 < m["merge/kept_fraction/mean"]

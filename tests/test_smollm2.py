@@ -186,6 +186,10 @@ def test_real_model_runs_are_recorded_in_mlflow(smol, store):
     train = client.get_run(smol.safety_run).data
     assert train.tags["base_model"] == smollm2.NAME
     assert any(k.startswith("train") and "loss" in k for k in train.metrics), sorted(train.metrics)
+    # run names lead with what tells runs apart: stage, role, method (the UI cuts long names)
+    merge = client.get_run(smol.merge_run)
+    assert merge.data.tags["merge_setting"] == "linear" and merge.info.run_name.startswith("merge-linear-")
+    assert client.get_run(smol.eval_run).info.run_name.startswith("eval-merged-linear-")
     m = client.get_run(smol.eval_run).data.metrics
     assert m["safety/advbench-keyword/n"] == 4 and m["utility/sst2-dev/n"] == 4
     for name in ("safety/advbench-keyword/refusal_rate", "utility/sst2-dev/exact_match",
