@@ -198,6 +198,10 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
             assert f"{m[f'{name}/mean']:.3f} [{m[f'{name}/ci_low']:.3f}, {m[f'{name}/ci_high']:.3f}] (n=2)" in html
         # the aggregate itself is the mean over the three seeds' test runs of the chosen settings
         members = [client.get_run(i) for i in agg.data.tags["aggregate.member_run_ids"].split(",")]
+        picks = {r.data.tags["select.chosen_merge_run_id"]: r.data.tags["select.chosen_candidate"]
+                 for r in selected["runs"] if r.data.tags["stage"] == "select"}
+        assert row["chosen"].split(",") == [picks[r.data.tags["adapter_run_id"]] for r in members]  # settings, seed order
+        assert set(row["chosen"].split(",")) <= set(("a1", "a2") if row["family"] == "a" else ("b1", "b2"))
         assert all(r.data.tags["split"] == "test" for r in members) and len(members) == 2
         vals = [r.data.metrics["safety/harm/refusal_rate"] for r in members]
         assert m["safety/harm/refusal_rate/mean"] == pytest.approx(sum(vals) / 2)

@@ -51,6 +51,8 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
 
     uri, runs = study_runs(study, tracking_uri)
     groups = _chosen_tests(runs)
+    chosen = {r.data.tags["select.chosen_merge_run_id"]: r.data.tags.get("select.chosen_candidate", "?") for r in runs
+              if r.data.tags.get("stage") == "select" and "select.chosen_merge_run_id" in r.data.tags}
     existing = {r.data.tags.get("aggregate.group_config_id"): r for r in runs
                 if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE}
     written = []
@@ -88,7 +90,8 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                 "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
                 "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
                 "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
-                "aggregate.chosen_candidates": ",".join(r.data.tags.get("sweep.method", "?") for r in members),
+                "aggregate.chosen_candidates": ",".join(chosen.get(r.data.tags.get("adapter_run_id"), "?")
+                                                        for r in members),
                 **inv_tags}
         old = existing.get(gid)
         with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
