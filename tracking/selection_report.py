@@ -23,16 +23,19 @@ from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggrega
 GROUP_STAGE = "selected"
 
 
-def _chosen_tests(runs: list[Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(model, sample_size, family) -> {seed: test evaluate run of the chosen merge} (latest run wins)."""
+def _chosen_tests(runs: list[Any]) -> tuple[dict[tuple[str, str, str], dict[str, Any]], dict[str, str]]:
+    """(model, sample_size, family) -> {seed: test evaluate run of the chosen merge} (latest run wins),
+    and each chosen merge run id -> the candidate label its select run chose."""
     tests = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("stage") == "evaluate"
              and r.data.tags.get("split") == "test"]
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    labels: dict[str, str] = {}
     for sel in runs:
         t = sel.data.tags
         if t.get("stage") != "select" or sel.info.status != "FINISHED":
             continue
         merge_id = t["select.chosen_merge_run_id"]
+        labels[merge_id] = t["select.chosen_candidate"]
         mine = [r for r in tests if r.data.tags.get("adapter_run_id") == merge_id]
         if not mine:
             continue  # the test evaluation of this choice has not run yet
@@ -42,7 +45,7 @@ def _chosen_tests(runs: list[Any]) -> dict[tuple[str, str, str], dict[str, Any]]
         old = seeds.get(t.get("seed"))
         if old is None or (run.info.start_time or 0) > (old.info.start_time or 0):
             seeds[t.get("seed")] = run
-    return out
+    return out, labels
 
 
 def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[str]:
@@ -50,9 +53,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
     from sst_lab.tracking.run import stage_run
 
     uri, runs = study_runs(study, tracking_uri)
-    groups = _chosen_tests(runs)
-    chosen = {r.data.tags["select.chosen_merge_run_id"]: r.data.tags.get("select.chosen_candidate", "?") for r in runs
-              if r.data.tags.get("stage") == "select" and "select.chosen_merge_run_id" in r.data.tags}
+    groups, chosen = _chosen_tests(runs)
     existing = {r.data.tags.get("aggregate.group_config_id"): r for r in runs
                 if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE}
     written = []
@@ -90,8 +91,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                 "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
                 "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
                 "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
-                "aggregate.chosen_candidates": ",".join(chosen.get(r.data.tags.get("adapter_run_id"), "?")
-                                                        for r in members),
+                "aggregate.chosen_candidates": ",".join(chosen[r.data.tags["adapter_run_id"]] for r in members),
                 **inv_tags}
         old = existing.get(gid)
         with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
