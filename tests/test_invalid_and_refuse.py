@@ -86,7 +86,8 @@ def test_selected_aggregate_leaves_an_invalid_seed_out_and_names_it(client):
         for seed, (refusal, utility) in seeds.items():
             merge = f"merge-{family}-{seed}"
             _run(client, exp, {"stage": "select", "seed": seed, "select.family": family, "sweep.model": "fake",
-                               "sweep.sample_size": "16", "select.chosen_merge_run_id": merge}, {})
+                               "sweep.sample_size": "16", "select.chosen_merge_run_id": merge,
+                               "select.chosen_candidate": f"{family}1"}, {})
             tags, metrics = _eval_metrics(refusal, utility, invalid=(family, seed) == ("a", 2))
             _run(client, exp, {"stage": "evaluate", "split": "test", "seed": seed, "role": "merged",
                                "adapter_run_id": merge, "sweep.method": f"{family}1", **tags}, metrics)
@@ -99,6 +100,7 @@ def test_selected_aggregate_leaves_an_invalid_seed_out_and_names_it(client):
     assert a.metrics["aggregate/n_invalid_seeds"] == 1 and aggs["b"].tags["aggregate.invalid_suites"] == "none"
     assert a.metrics[f"paired/b/{SAFE}/n"] == 2 and a.metrics[f"paired/b/{UTIL}/n"] == 3
     assert any("harm:2" in line for line in lines)
+    assert a.tags["aggregate.chosen_candidates"] == "a1,a1,a1" and aggs["b"].tags["aggregate.chosen_candidates"] == "b1,b1,b1"
     from sst_lab.tracking.selection_report import render_section
 
     rows = {"rows": [{"model": "fake", "sample_size": "16", "family": fam, "chosen": "", "paired": {},

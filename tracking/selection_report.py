@@ -34,6 +34,10 @@ def _chosen_tests(runs: list[Any]) -> tuple[dict[tuple[str, str, str], dict[str,
         t = sel.data.tags
         if t.get("stage") != "select" or sel.info.status != "FINISHED":
             continue
+        missing = [k for k in ("select.chosen_merge_run_id", "select.chosen_candidate") if k not in t]
+        if missing:
+            raise ValueError(f"select run {sel.info.run_id} (family {t.get('select.family')}, seed {t.get('seed')}) "
+                             f"has no tag {', '.join(missing)}: sst_lab.tracking.selection writes both with the choice")
         merge_id = t["select.chosen_merge_run_id"]
         labels[merge_id] = t["select.chosen_candidate"]
         mine = [r for r in tests if r.data.tags.get("adapter_run_id") == merge_id]
