@@ -37,6 +37,7 @@ from sst_lab.tracking.lineage import Upstream, resolve
 FISHER_METHODS = ("sst", "sst_diag")
 FISHER_POINTS = ("merged", "own")
 KEPT_FRACTION_WARNING = "kept_fraction_above_1"  # tag set when a module keeps more than its safety update
+OMITTED_TAG = "merge.omitted_metrics"  # metric names left out of MLflow (non-finite or undefined); reasons in the report
 TRUNCATION_TOLERANCE = 1e-4  # relative Frobenius error above which an output_rank truncation is refused
 
 
@@ -170,7 +171,7 @@ def resolve_inputs(args: MergeArguments, work: Path, tracking_uri: str | None) -
     if base is None:
         raise ConfigError("base_model: not given and the adapters do not name one")
     if args.base_model and declared and resolve_model_path(args.base_model) != declared \
-            and Path(args.base_model).name != Path(declared).name:
+            and Path(resolve_model_path(args.base_model)).name != Path(declared).name:
         raise ConfigError(f"base_model {args.base_model!r} differs from the adapters' base {declared!r}")
     base_path = resolve_model_path(base)
     for field_name, upstream in (("utility_adapter", up_u), ("safety_adapter", up_s)):
@@ -256,10 +257,11 @@ def _fisher(args: MergeArguments, inputs: Inputs) -> FisherContext:
 
 
 def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: float,
-                     report_modules: dict[str, dict]) -> dict[str, float]:
+                     report_modules: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
     """Held-out loss change of the merge step (base + utility + safety -> merged) on each Fisher data
     set, beside the quadratic model's prediction (sum over modules of ``0.5 delta^T F delta``) and the
-    second-order Taylor model's (``g^T delta`` added, ``g`` the held-out loss gradient at the start)."""
+    second-order Taylor model's (``g^T delta`` added, ``g`` the held-out loss gradient at the start).
+    Also returns each ratio left out, with the reason."""
     from sst_lab.merge.diagnostics import (fidelity, first_order_change, heldout_core_gradient, heldout_loss,
                                            restore_safety_b, set_safety_cores)
 
@@ -271,6 +273,7 @@ def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: 
     finally:
         restore_safety_b(ctx.model, saved)
     out: dict[str, float] = {}
+    omitted: dict[str, str] = {}
     for which in ("safety", "utility"):
         key = f"predicted_{which}_loss_change"
         if not all(key in m for m in report_modules.values()):
@@ -286,7 +289,10 @@ def measure_fidelity(ctx: FisherContext, cores: dict[str, torch.Tensor], alpha: 
             ratio = fidelity(value, measured)
             if ratio is not None:
                 out[f"fidelity/{which}_{name}"] = ratio
-    return out
+            else:
+                omitted[f"merge/fidelity/{which}_{name}"] = (f"measured {which} loss change {measured:.2e} nats is "
+                                                             "below 1e-6 in magnitude: a ratio would be noise")
+    return out, omitted
 
 
 def base_weight_norms(base_model: str, names: list[str]) -> dict[str, float]:
@@ -377,8 +383,10 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
     info["merge_seconds"] = time.perf_counter() - t0
     _check_distinct(args, report_modules)
     _check_truncation(args, report_modules)
+    fidelity_omitted: dict[str, str] = {}
     if ctx is not None and args.method == "sst":
-        info.update(measure_fidelity(ctx, cores, args.method_params().alpha, report_modules))
+        fid, fidelity_omitted = measure_fidelity(ctx, cores, args.method_params().alpha, report_modules)
+        info.update(fid)
     warning = _kept_fraction_warning(report_modules)
 
     if warning:
@@ -386,7 +394,12 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
     report = {"method": args.method, "params": _jsonable(vars(args.method_params())),
               "output_rank": args.output_rank or "exact",
               "base_model": inputs.base_model, "modules": report_modules, "module_rules": rules, **info}
-    metrics = _metrics(report_modules, info)
+    metrics, omitted = _metrics(report_modules, info)
+    omitted.update(fidelity_omitted)
+    if omitted:
+        report["omitted_metrics"] = omitted
+        print(f"WARNING: {len(omitted)} merge metric(s) not logged (reasons in merge_report.json, "
+              f"omitted_metrics): {', '.join(sorted(omitted)[:5])}", flush=True)
     metrics["merge/total_seconds"] = time.perf_counter() - t_start
     metrics["merge/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if torch.cuda.is_available():
@@ -409,7 +422,8 @@ def run_merge(args: MergeArguments, inputs: Inputs, run: Any, resolved_config: d
         run.log_artifacts(out_dir, "adapter")
         run.log_json(report, "merge_report.json")
         run.set_tags({"base_weights_fingerprint": base_record["weights_fingerprint"],
-                      **({KEPT_FRACTION_WARNING: warning} if warning else {})})
+                      **({KEPT_FRACTION_WARNING: warning} if warning else {}),
+                      **({OMITTED_TAG: ",".join(sorted(omitted))[:4000]} if omitted else {})})
         _plot_spectra(report_modules, out_dir.parent / f".{out_dir.name}-spectrum.png", run)
     return MergeOutcome(out_dir, report, metrics)
 
@@ -498,11 +512,24 @@ def _check_truncation(args: MergeArguments, modules: dict[str, dict]) -> None:
                          f"worst: {listed}); leave output_rank unset for the exact merge or pass allow_truncation")
 
 
-def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> dict[str, float]:
+def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """MLflow metrics of the report: per-module values, their mean/min/max over modules, and the
+    run-level numbers; and every number left out (a NaN or inf, which MLflow must not get) by its
+    metric name, with the reason. A summary over fewer modules than the key has carries
+    ``merge/<key>/n_nonfinite``."""
     out: dict[str, float] = {}
-    keys = sorted({k for m in modules.values() for k, v in m.items() if _finite(v)})
+    omitted: dict[str, str] = {}
+    keys = sorted({k for m in modules.values() for k, v in m.items() if _number(v)})
     for key in keys:
         vals = [m[key] for m in modules.values() if _finite(m.get(key))]
+        bad = [name for name, m in modules.items() if _number(m.get(key)) and not _finite(m[key])]
+        for name in bad:
+            omitted[f"merge/module/{name}/{key}"] = f"non-finite value {modules[name][key]!r} in module {name}"
+        if bad:
+            out[f"merge/{key}/n_nonfinite"] = float(len(bad))
+        if not vals:
+            omitted[f"merge/{key}/mean"] = f"non-finite in all {len(bad)} modules"
+            continue
         out[f"merge/{key}/mean"] = sum(vals) / len(vals)
         out[f"merge/{key}/min"] = min(vals)
         out[f"merge/{key}/max"] = max(vals)
@@ -512,11 +539,17 @@ def _metrics(modules: dict[str, dict], info: dict[str, Any]) -> dict[str, float]
     for key, v in info.items():
         if _finite(v):
             out[f"merge/{key}"] = float(v)
-    return out
+        elif _number(v):
+            omitted[f"merge/{key}"] = f"non-finite value {v!r}"
+    return out, omitted
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _number(v) and math.isfinite(v)
 
 
 def _jsonable(obj: Any) -> Any:

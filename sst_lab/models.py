@@ -56,6 +56,9 @@ def local_model_dir(name: str, revision: str | None = None) -> Path:
     path = Path(resolve_model_path(name))
     if path.is_dir():
         return path
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise ModelError(f"model {name}: no such folder (a local path, not a hub id); was the model moved? "
+                         "name it by its alias or new path (base_model)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name, revision=revision, allow_patterns=["*.safetensors", "*.json"]))

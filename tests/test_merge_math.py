@@ -644,3 +644,23 @@ def test_kept_fraction_warning_is_printed(capsys) -> None:
     assert _kept_fraction_warning({"a": {"kept_fraction": 0.9}, "b": {"rel_dist_base": 2.0}}) is None
     line = _kept_fraction_warning({"a": {"kept_fraction": 0.9}, "b": {"kept_fraction": 2.5}})
     assert "1 of 2 modules (max 2.50 in b)" in line and f"WARNING: {line}" in capsys.readouterr().out
+
+
+def test_non_finite_diagnostics_are_left_out_of_mlflow_with_their_reason() -> None:
+    """A NaN or inf diagnostic never reaches MLflow and never vanishes: it is named with its reason,
+    and a summary over fewer modules says how many it lacks."""
+    from sst_lab.merge.pipeline import _metrics
+
+    modules = {"a": {"eigengap_at_k": 2.0, "kept_fraction": float("nan"), "rel_dist_utility": None},
+               "b": {"eigengap_at_k": float("inf"), "kept_fraction": float("nan"), "rel_dist_utility": 0.5}}
+    metrics, omitted = _metrics(modules, {"fidelity/safety_ratio": float("nan"), "merge_seconds": 1.5,
+                                          "kept_fraction_warning": "text"})
+    assert metrics["merge/eigengap_at_k/mean"] == 2.0 and metrics["merge/eigengap_at_k/n_nonfinite"] == 1.0
+    assert "merge/module/b/eigengap_at_k" not in metrics and metrics["merge/module/a/eigengap_at_k"] == 2.0
+    assert omitted["merge/module/b/eigengap_at_k"] == "non-finite value inf in module b"
+    assert omitted["merge/kept_fraction/mean"] == "non-finite in all 2 modules"
+    assert not any(k.startswith("merge/kept_fraction/m") for k in metrics)
+    assert omitted["merge/fidelity/safety_ratio"] == "non-finite value nan" and metrics["merge/merge_seconds"] == 1.5
+    # None means "not applicable here" (no utility factor in module a), not a broken number
+    assert metrics["merge/rel_dist_utility/mean"] == 0.5 and not any("rel_dist_utility" in k for k in omitted)
+    assert all(np.isfinite(v) for v in metrics.values())

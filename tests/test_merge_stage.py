@@ -80,6 +80,8 @@ def test_sst_merge_run_is_recorded(merged_sst, trained, store, world, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     some = next(iter(report["modules"].values()))
     assert len(some["eigenvalues"]) == 64 and some["eigenvalues"] == sorted(some["eigenvalues"], reverse=True)
+    # nothing left out of MLflow silently: what the report omits (with reasons), the run's tag names
+    assert sorted(report.get("omitted_metrics", {})) == sorted(filter(None, tags.get("merge.omitted_metrics", "").split(",")))
     arts = {a.path for a in mlflow.MlflowClient(tracking_uri=store).list_artifacts(run_id)}
     assert {"adapter", "merge_report.json", "plots"} <= arts
     fingerprint = weights_fingerprint("tiny-world")
@@ -187,6 +189,30 @@ def _last_merge_run(store, study="tests-merge"):
 def test_adapters_trained_on_other_weights_are_refused(trained, store, tmp_path, rebuilt_base):
     with pytest.raises(ConfigError, match=r"utility_adapter: .*other weights .*sst_lab_base\.json"):
         merge_in_process(trained, store, tmp_path, "linear", "--base_model", str(rebuilt_base))
+
+
+def test_a_base_model_folder_that_moved_is_named_and_the_alias_with_its_fingerprint_merges(trained, store, tmp_path):
+    """Adapters copied out of an MLflow store name the base folder they were trained beside; once it
+    is gone the merge names that folder (never asks the hub for a path), and naming the base by its
+    alias merges, the adapters' recorded weight fingerprint checked."""
+    import shutil
+
+    from sst_lab.merge.merge import main
+    from sst_lab.models import resolve_model_path
+
+    moved = f"/moved/away/{Path(resolve_model_path('tiny-world')).name}"  # the same model, its folder elsewhere
+    copies = {}
+    for role, src in (("utility", trained.utility_adapter), ("safety", trained.safety_adapter)):
+        copies[role] = shutil.copytree(src, tmp_path / role)
+        cfg = copies[role] / "adapter_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": moved}))
+    args = ["--config", "configs/merge/tiny.yaml", "--utility_adapter", str(copies["utility"]), "--safety_adapter",
+            str(copies["safety"]), "--method", "linear", "--study", "tests-merge", "--tracking_uri", store]
+    with pytest.raises(ConfigError, match=f"utility_adapter: model {moved}: no such folder"):
+        main([*args, "--output_dir", str(tmp_path / "out1")])
+    main([*args, "--base_model", "tiny-world", "--output_dir", str(tmp_path / "out2")])
+    assert json.loads((tmp_path / "out2" / "sst_lab_base.json").read_text())["weights_fingerprint"] == \
+        weights_fingerprint("tiny-world")
 
 
 def test_bad_fisher_data_fails_clearly(trained, store, tmp_path):
