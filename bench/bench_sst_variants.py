@@ -36,7 +36,9 @@ VARIANTS["linear"] = ["--method", "linear"]
 VARIANTS["linear-w2"] = ["--method", "linear", "--weights", "1.0", "2.0"]  # = sst at k = r^2, alpha = 2
 MERGE_KEYS = ("fidelity/safety_ratio", "fidelity/utility_ratio", "fidelity/safety_measured_change",
               "fidelity/safety_predicted_change", "fidelity/utility_measured_change",
-              "fidelity/utility_predicted_change", "subspace_overlap/mean", "eigengap_at_k/mean",
+              "fidelity/utility_predicted_change", "fidelity/safety_first_order_change",
+              "fidelity/safety_taylor_predicted_change", "fidelity/utility_first_order_change",
+              "fidelity/utility_taylor_predicted_change", "subspace_overlap/mean", "eigengap_at_k/mean",
               "kept_fraction/max", "core_in_eps_dominated/mean", "effective_rank_fisher_utility/mean")
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 # per model: merge config, evaluate config, suites, evaluate arguments (validation split for a real model:
@@ -52,8 +54,11 @@ MODELS = {
 }
 
 
-def study_adapters(store: str, study: str, seed: int) -> tuple[str, str]:
-    """The adapter folders of the FINISHED utility and safety train runs of ``seed`` in ``study``."""
+def study_adapters(store: str, study: str, seed: int, dest: Path) -> tuple[str, str]:
+    """The adapters the FINISHED utility and safety train runs of ``seed`` in ``study`` logged to MLflow.
+
+    The store's ``adapter`` artifact is the copy that outlives the stage's output folder (the
+    ``adapter_path`` tag names a folder that may be gone); it is downloaded into ``dest`` once."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=store)
@@ -64,11 +69,17 @@ def study_adapters(store: str, study: str, seed: int) -> tuple[str, str]:
     for role in ("utility", "safety"):
         runs = client.search_runs([exp.experiment_id], f"tags.stage = 'train' and tags.role = '{role}' and "
                                   f"tags.seed = '{seed}' and attributes.status = 'FINISHED'")
-        paths = sorted({r.data.tags.get("adapter_path") for r in runs} - {None})
-        if len(paths) != 1:
-            raise SystemExit(f"--adapters_study {study}: {len(paths)} FINISHED {role} train runs of seed {seed} "
-                             f"with an adapter_path tag in {store}; expected exactly 1")
-        found[role] = paths[0]
+        if len(runs) != 1:
+            raise SystemExit(f"--adapters_study {study}: {len(runs)} FINISHED {role} train runs of seed {seed} "
+                             f"in {store}; expected exactly 1")
+        local = dest / f"{role}-s{seed}-{runs[0].info.run_id}"
+        if not (local / "adapter" / "SST_LAB_DONE").is_file():
+            mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="adapter",
+                                                dst_path=str(local), tracking_uri=store)
+        if not (local / "adapter" / "SST_LAB_DONE").is_file():
+            raise SystemExit(f"--adapters_study {study}: train run {runs[0].info.run_id} ({role}, seed {seed}) "
+                             f"logged no complete 'adapter' artifact (no SST_LAB_DONE in {local / 'adapter'})")
+        found[role] = str(local / "adapter")
     return found["utility"], found["safety"]
 
 
@@ -80,11 +91,13 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
 
     merge_config, eval_config, suites, eval_args = MODELS[opts.model]
     if opts.adapters_study:
-        utility, safety = study_adapters(opts.adapters_store, opts.adapters_study, seed)
+        utility, safety = study_adapters(opts.adapters_store, opts.adapters_study, seed, work / "adapters")
     else:
         utility, safety = opts.utility_adapter, opts.safety_adapter
     out = work / f"{name}-s{seed}"
     extra = ["--k", str(opts.k), "--alpha", str(opts.alpha)] if name.startswith("sst") else []
+    if opts.base_model:
+        extra += ["--base_model", opts.base_model]
     merge_main(["--config", merge_config, "--utility_adapter", utility, "--safety_adapter",
                 safety, *args, *extra, "--seed", str(seed), "--study", "bench-sst", "--tracking_uri",
                 store, "--output_dir", str(out), "--run_name", f"{name}-s{seed}"])
@@ -112,7 +125,9 @@ def table(path: Path) -> str:
             "utility/sst2-dev/label_accuracy": "SST-2 label acc.",
             "utility/sst2-heldout/balanced_accuracy": "SST-2 bal. acc.",
             "fidelity/safety_measured_change": "ΔL_s measured", "fidelity/safety_predicted_change": "ΔL_s predicted",
+            "fidelity/safety_taylor_predicted_change": "ΔL_s Taylor (g·δ + quad.)",
             "fidelity/utility_measured_change": "ΔL_u measured", "fidelity/utility_predicted_change": "ΔL_u predicted",
+            "fidelity/utility_taylor_predicted_change": "ΔL_u Taylor",
             "subspace_overlap/mean": "overlap", "eigengap_at_k/mean": "gap λk/λk+1",
             "kept_fraction/max": "kept max", "core_in_eps_dominated/mean": "core in ε-dom."}
     present = [c for c in cols if any(c in r for r in rows)]
@@ -140,6 +155,8 @@ def main() -> None:
     p.add_argument("--safety_adapter")
     p.add_argument("--adapters_store", help="MLflow store of --adapters_study")
     p.add_argument("--adapters_study", help="take seed s's adapters from this study's train runs of seed s")
+    p.add_argument("--base_model", help="the merge's base_model (default: the adapters' base_model_name_or_path; "
+                   "give the model's name when that folder has moved: the adapters' weight fingerprint is checked)")
     p.add_argument("--store", type=Path, help="sqlite file for the bench's own runs (default: temporary)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("linear-w2", "sst-sampled-merged-euclidean-n128")])
