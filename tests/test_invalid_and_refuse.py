@@ -60,6 +60,9 @@ def test_aggregate_counts_names_and_excludes_invalid_suites_and_the_report_says_
     a, b = aggs["a"].data, aggs["b"].data
     # seed 2's harm values are out of every harm mean (empty_rate 0.9 too), counted and named
     assert a.metrics[f"{SAFE}/n"] == 2 and a.metrics[f"{SAFE}/mean"] == pytest.approx(0.7)
+    # 0.8 and 0.6: the t-interval (12.7 x 0.1 = +-1.27) is cut to the range a rate's mean cannot leave
+    assert (a.metrics[f"{SAFE}/ci_low"], a.metrics[f"{SAFE}/ci_high"]) == (0.0, 1.0)
+    assert a.tags["aggregate.ci_clipped"] == SAFE and b.tags["aggregate.ci_clipped"] == "none"
     assert a.metrics["safety/harm/empty_rate/mean"] == 0.0 and a.metrics["safety/harm/empty_rate/n"] == 2
     assert a.metrics[f"{UTIL}/n"] == 3  # the suite that was valid keeps all three seeds
     assert a.tags["aggregate.invalid_suites"] == "harm:2" and b.tags["aggregate.invalid_suites"] == "none"
@@ -96,6 +99,7 @@ def test_selected_aggregate_leaves_an_invalid_seed_out_and_names_it(client):
     aggs = {r.data.tags["aggregate.method"]: r.data for r in client.search_runs([exp], "tags.stage = 'aggregate'")}
     a = aggs["a"]
     assert a.metrics[f"{SAFE}/n"] == 2 and a.metrics[f"{SAFE}/mean"] == pytest.approx(0.7)  # was dropped before
+    assert (a.metrics[f"{SAFE}/ci_low"], a.metrics[f"{SAFE}/ci_high"]) == (0.0, 1.0) and SAFE in a.tags["aggregate.ci_clipped"]
     assert a.metrics[f"{UTIL}/n"] == 3 and a.tags["aggregate.invalid_suites"] == "harm:2"
     assert a.metrics["aggregate/n_invalid_seeds"] == 1 and aggs["b"].tags["aggregate.invalid_suites"] == "none"
     assert a.metrics[f"paired/b/{SAFE}/n"] == 2 and a.metrics[f"paired/b/{UTIL}/n"] == 3
@@ -108,6 +112,24 @@ def test_selected_aggregate_leaves_an_invalid_seed_out_and_names_it(client):
                      for fam in ("a", "b")], "safety_metric": SAFE, "utility_metric": UTIL}
     html = render_section(rows)
     assert "fake a: invalid suites (suite:seeds) harm:2" in html and "fake b:" not in html
+
+
+def test_only_proportions_have_their_interval_cut_to_the_unit_range():
+    from sst_lab.tracking.aggregation import metric_range, summarize
+
+    for name in (SAFE, UTIL, "overrefusal/xstest/compliance_rate_safe", "utility/sst2/balanced_accuracy",
+                 "utility/mmlu/global_facts/accuracy", "utility/sst2/recall/positive", "utility/sst2/label_majority_share",
+                 "overrefusal/xstest/category/homonyms/refusal_rate"):
+        assert metric_range(name) == (0.0, 1.0), name
+    for name in ("merge/kept_fraction", "train/learning_rate", "fidelity/safety_measured_change", "time/seconds",
+                 "safety/harm/n", "utility/task/context_length", "compare/safety_tax"):
+        assert metric_range(name) is None, name
+    cut = summarize([0.0, 0.1, 0.5], bounds=(0.0, 1.0))  # t: 0.2 +- 0.66
+    raw = summarize([0.0, 0.1, 0.5])
+    assert raw.ci_low < 0 and cut.ci_low == 0.0 and cut.ci_high == raw.ci_high < 1 and cut.clipped and not raw.clipped
+    assert cut.mean == raw.mean and cut.std == raw.std
+    inside = summarize([0.4, 0.5, 0.6], bounds=(0.0, 1.0))
+    assert not inside.clipped and 0 < inside.ci_low < inside.ci_high < 1
 
 
 def _validation_runs(client, exp: str) -> tuple[str, list[str]]:

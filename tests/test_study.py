@@ -27,7 +27,8 @@ from scipy import stats as sps
 from conftest import REPO, stage_env
 from sst_lab.config import ConfigError
 from sst_lab.tracking import study as st
-from sst_lab.tracking.aggregation import SKIP_METRIC, write_aggregates
+from sst_lab.tracking.aggregation import SKIP_METRIC, metric_range, write_aggregates
+from sst_lab.tracking.reporting import interval_text
 from sst_lab.tracking.run import ensure_experiment, stage_run
 
 # ------------------------------------------------------------------------------ fake stages
@@ -406,6 +407,7 @@ def check_aggregates(uri: str, study: str) -> list:
     assert aggs
     checked = 0
     for agg in aggs:
+        assert agg.data.tags["aggregate.ci_clipped"]  # "none" or the metrics whose interval was cut
         members = [client.get_run(r) for r in agg.data.tags["aggregate.member_run_ids"].split(",")]
         assert {m.data.tags["config_id"] for m in members} == {agg.data.tags["aggregate.group_config_id"]}
         assert len({m.data.tags["seed"] for m in members}) == len(members)
@@ -415,6 +417,10 @@ def check_aggregates(uri: str, study: str) -> list:
             assert got[f"{name}/n"] == len(values)
             if len(values) >= 2:
                 mean, std, low, high = _t_ci(values)
+                if metric_range(name):  # a proportion's interval is cut to [0, 1], and the tag says where
+                    clipped = (max(low, 0.0), min(high, 1.0)) != (low, high)
+                    low, high = max(low, 0.0), min(high, 1.0)
+                    assert (name in agg.data.tags["aggregate.ci_clipped"].split(",")) == clipped, name
                 assert got[f"{name}/mean"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
                 assert got[f"{name}/std"] == pytest.approx(std, rel=1e-9, abs=1e-12)
                 assert got[f"{name}/ci_low"] == pytest.approx(low, rel=1e-9, abs=1e-12)
@@ -428,6 +434,7 @@ def test_aggregates_match_numpy_and_rerun_updates_in_place(fake_sweep):
     uri = fake_sweep["uri"]
     written = write_aggregates("fake", uri, echo=lambda _: None)
     aggs = check_aggregates(uri, "fake")
+    assert any(a.data.tags["aggregate.ci_clipped"] != "none" for a in aggs)  # the fake values reach the cut
     # 24 nodes in 12 seed-pairs -> 12 groups (base eval: 1 group of 2 seeds too)
     assert len(aggs) == len(written) == 12
     before = {r.info.run_id for r in aggs}
@@ -478,8 +485,7 @@ def check_report(uri: str, study: str, folder: Path, stdout: str, require_tax: b
         m = agg.data.metrics
         assert c["mean"] == m[f"{c['metric']}/mean"] and c["n"] == m[f"{c['metric']}/n"]
         assert c["ci_low"] == m.get(f"{c['metric']}/ci_low") and c["ci_high"] == m.get(f"{c['metric']}/ci_high")
-        half = f" ± {c['ci_high'] - c['mean']:.3f}" if c["ci_high"] is not None else ""
-        assert f"{c['mean']:.3f}{half} ({c['n']})" in html_text
+        assert f"{c['mean']:.3f}{interval_text(c['mean'], c['ci_low'], c['ci_high'])} ({c['n']})" in html_text
     run_id = re.search(r"run_id: (\w+)", stdout).group(1)
     report_run = client.get_run(run_id)
     assert report_run.data.tags["stage"] == "report" and report_run.info.status == "FINISHED"

@@ -9,7 +9,11 @@ intervals, p-values, ``/n`` counts and per-module merge statistics excepted) the
     <metric>/mean  <metric>/std  <metric>/n  <metric>/ci_low  <metric>/ci_high     (95 % t-interval)
 
 (``std`` and the interval need two seeds; with one they are omitted and the tag
-``aggregate.note`` says so). Groups of the same stage, role, model and sample size that differ
+``aggregate.note`` says so). The interval of a metric that lives in [0, 1] (an evaluate suite's
+rates, accuracies, exact match, shares and recalls: :func:`metric_range`) is intersected with
+[0, 1], since the mean it covers cannot leave that range (a t-interval over 3 seeds of refusal
+rates 0.0, 0.2, 0.8 reaches -0.7); the tag ``aggregate.ci_clipped`` names the metrics where that
+changed the interval. Groups of the same stage, role, model and sample size that differ
 only in the merge method are compared pairwise across their common seeds: in the aggregate run of
 method A, ``paired/<B>/<metric>/{mean,ci_low,ci_high,n,p_value}`` is the mean per-seed difference
 A - B with its t-interval and a paired t-test p-value. When all per-seed differences are equal up
@@ -38,7 +42,10 @@ CONFIDENCE = 0.95
 CONSTANT_RTOL = 1e-9  # per-seed differences within this relative range count as constant
 COORDS = ("role", "model", "sample_size", "method")
 _UNSAFE = re.compile(r"[^/\w.\- ]+")
-DUPLICATE_RULE = "earliest FINISHED run of a seed counts"  # the sweep planner reuses the same run
+DUPLICATE_RULE = "earliest FINISHED run of a seed counts"
+# evaluate metrics that are proportions: rates, accuracies, exact match, shares, per-class recall
+UNIT_INTERVAL = re.compile(r"^(safety|utility|overrefusal)/.*(/[a-z_]*rate[a-z_]*|/[a-z_]*accuracy[a-z_]*|"
+                           r"/exact_match|/[a-z_]*share|/recall/[^/]+)$")  # the sweep planner reuses the same run
 
 
 def run_order(start_time: int | None, run_id: str) -> tuple[int, str]:
@@ -82,6 +89,7 @@ class Summary:
     ci_high: float | None = None
     p_value: float | None = None
     constant: bool = False  # all values equal up to round-off (paired differences only)
+    clipped: bool = False  # the t-interval was intersected with the metric's range
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/mean": self.mean, f"{prefix}/n": float(self.n)}
@@ -92,8 +100,16 @@ class Summary:
         return out
 
 
-def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
-    """Mean, sample std (ddof=1), n and the Student-t interval over seeds (spread needs n >= 2)."""
+def metric_range(name: str) -> tuple[float, float] | None:
+    """The range a metric's values (and so their mean) cannot leave, when it has one: [0, 1] for
+    the proportions of :data:`UNIT_INTERVAL`; None for anything else (losses, seconds, deltas)."""
+    return (0.0, 1.0) if UNIT_INTERVAL.match(name) else None
+
+
+def summarize(values: Iterable[float], confidence: float = CONFIDENCE,
+              bounds: tuple[float, float] | None = None) -> Summary:
+    """Mean, sample std (ddof=1), n and the Student-t interval over seeds (spread needs n >= 2),
+    the interval intersected with ``bounds`` when given (``clipped`` says it changed)."""
     from sst_lab.evaluate.stats import t_interval
 
     arr = np.asarray(list(values), dtype=float)
@@ -102,7 +118,15 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     if arr.size == 1:
         return Summary(mean=float(arr[0]), n=1)
     t = t_interval(arr, confidence)
-    return Summary(mean=t.mean, n=t.n, std=t.std, ci_low=t.low, ci_high=t.high)
+    low, high = t.low, t.high
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(mean=t.mean, n=t.n, std=t.std, ci_low=low, ci_high=high, clipped=(low, high) != (t.low, t.high))
+
+
+def clipped_tag(summaries: Mapping[str, Summary]) -> str:
+    """The ``aggregate.ci_clipped`` tag: the metrics whose interval :func:`metric_range` cut, or none."""
+    return ",".join(sorted(n for n, v in summaries.items() if v.clipped))[:5000] or "none"
 
 
 def paired_summary(diffs: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
@@ -223,7 +247,8 @@ def _seed_order(seed: str) -> tuple[int, Any]:
 
 def group_summaries(group: Group) -> dict[str, Summary]:
     names = sorted({m for mem in group.members for m in aggregated_metric_names(mem.metrics)})
-    return {name: summarize([mem.metrics[name] for mem in group.members if name in mem.metrics]) for name in names}
+    return {name: summarize([mem.metrics[name] for mem in group.members if name in mem.metrics],
+                            bounds=metric_range(name)) for name in names}
 
 
 def paired_comparisons(groups: list[Group]) -> tuple[dict[str, dict[str, dict[str, Summary]]], list[str]]:
@@ -363,6 +388,7 @@ def write_aggregates(study: str, tracking_uri: str | None = None, *, echo=print)
         constant = sorted(f"{o}/{k}" for o, r in pair.items() for k, v in r.items() if v.constant)
         if constant:
             tags["aggregate.constant_differences"] = ",".join(constant)[:5000]
+        tags["aggregate.ci_clipped"] = clipped_tag(summaries)
         if len(olds) > 1:
             tags["aggregate.duplicates"] = ",".join(r.info.run_id for r in olds[1:])
         tags.update(inv_tags)

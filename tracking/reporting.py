@@ -85,8 +85,17 @@ class Cell:
     def text(self) -> str:
         if self.mean is None:
             return "—"
-        half = f" ± {self.ci_high - self.mean:.3f}" if self.ci_high is not None else ""
-        return f"{self.mean:.3f}{half} ({self.n}){self.mark}{' ' + self.note if self.note else ''}"
+        return f"{self.mean:.3f}{interval_text(self.mean, self.ci_low, self.ci_high)} ({self.n}){self.mark}" \
+            f"{' ' + self.note if self.note else ''}"
+
+
+def interval_text(mean: float, low: float | None, high: float | None) -> str:
+    """`` ± half`` for a symmetric interval, `` [low, high]`` for one cut by the metric's range."""
+    if low is None or high is None:
+        return ""
+    if abs((high - mean) - (mean - low)) < 5e-4:
+        return f" ± {high - mean:.3f}"
+    return f" [{low:.3f}, {high:.3f}]"
 
 
 @dataclass

@@ -16,9 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, fetch_runs,
-                                          invalid_record, invalid_suites, log_metrics_chunked, paired_summary,
-                                          study_runs, suite_of, summarize, valid_metrics)
+from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, clipped_tag,
+                                          fetch_runs, invalid_record, invalid_suites, log_metrics_chunked,
+                                          metric_range, paired_summary, study_runs, suite_of, summarize,
+                                          valid_metrics)
 
 GROUP_STAGE = "selected"
 
@@ -70,7 +71,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
         # every seed has the metric, except seeds where its suite was invalid (left out, counted, named)
         names = sorted({n for v in vals.values() for n in aggregated_metric_names(v)})
         names = [n for n in names if all(n in vals[s] or suite_of(n) in invalid[s] for s in vals)]
-        summaries = {n: summarize([v[n] for v in vals.values() if n in v]) for n in names}
+        summaries = {n: summarize([v[n] for v in vals.values() if n in v], bounds=metric_range(n)) for n in names}
         paired: dict[str, dict[str, Any]] = {}
         for (m2, s2, other), other_vals in values.items():
             if (m2, s2) != (model, size) or other == family:
@@ -96,6 +97,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                 "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
                 "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
                 "aggregate.chosen_candidates": ",".join(chosen[r.data.tags["adapter_run_id"]] for r in members),
+                "aggregate.ci_clipped": clipped_tag(summaries),
                 **inv_tags}
         old = existing.get(gid)
         with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
