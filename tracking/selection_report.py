@@ -12,7 +12,6 @@ frontiers, so the HTML report and MLflow show the same numbers.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                                           for s in common if s not in both):
                     paired[other][n] = paired_summary([vals[s][n] - other_vals[s][n] for s in both])
         inv_tags, inv_metrics = invalid_record((s, invalid[s]) for s in sorted(by_seed))
-        metrics = {k: v for k, v in aggregate_metrics(summaries, paired).items() if math.isfinite(v)}
+        metrics = aggregate_metrics(summaries, paired)  # as write_aggregates: a NaN fails the run, by name
         metrics.update(inv_metrics)
         gid = f"{GROUP_STAGE}/{model}/n{size}/{family}"
         members = [by_seed[s] for s in sorted(by_seed)]
