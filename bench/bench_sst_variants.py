@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -40,7 +39,6 @@ MERGE_KEYS = ("fidelity/safety_ratio", "fidelity/utility_ratio", "fidelity/safet
               "fidelity/safety_taylor_predicted_change", "fidelity/utility_first_order_change",
               "fidelity/utility_taylor_predicted_change", "subspace_overlap/mean", "eigengap_at_k/mean",
               "kept_fraction/max", "core_in_eps_dominated/mean", "effective_rank_fisher_utility/mean")
-T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 # per model: merge config, evaluate config, suites, evaluate arguments (validation split for a real model:
 # choosing defaults on test items would tune on the test set)
 MODELS = {
@@ -119,6 +117,9 @@ def run_one(name: str, args: list[str], seed: int, opts, store: str, work: Path)
 
 
 def table(path: Path) -> str:
+    """Markdown: per variant, each column's mean and 95 % t-interval over the seeds in ``path``."""
+    from sst_lab.tracking.aggregation import metric_range, summarize
+
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cols = {"safety/harmful-demo/refusal_rate": "refusal", "utility/task-demo/exact_match": "task EM",
             "safety/advbench-keyword/refusal_rate": "refusal AdvBench", "utility/sst2-dev/exact_match": "SST-2 EM",
@@ -141,9 +142,10 @@ def table(path: Path) -> str:
                 cells.append("")
             elif len(vals) == 1:
                 cells.append(f"{vals[0]:.3g}")
-            else:
-                half = T975.get(len(vals) - 1, 2.0) * statistics.stdev(vals) / len(vals) ** 0.5
-                cells.append(f"{statistics.mean(vals):.3g} ± {half:.2g}")
+            else:  # the aggregate stage's t-interval over seeds, a proportion's cut to [0, 1]
+                t = summarize(vals, bounds=metric_range(c))
+                cells.append(f"{t.mean:.3g} ± {t.ci_high - t.mean:.2g}" if not t.clipped
+                             else f"{t.mean:.3g} [{t.ci_low:.2g}, {t.ci_high:.2g}]")
         lines.append(f"| {variant} | {len(sel)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

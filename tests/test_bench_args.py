@@ -35,3 +35,20 @@ def test_bench_train_maps_the_model_to_its_configs_and_refuses_others():
     assert all((repo / cfg).is_file() for cfgs in bench.MODELS.values() for cfg in cfgs)
     with pytest.raises(SystemExit):
         bench.make_parser().parse_args(["--model", "no-such-model"])
+
+
+def test_sst_variant_table_gives_the_t_interval_over_seeds(tmp_path):
+    """Three seeds: t(0.975, 2 df) = 4.303 (the table once used 1 df's 12.706); a rate's interval is
+    cut to [0, 1]."""
+    import json
+
+    from scipy import stats
+
+    rows = [{"variant": "v", "seed": s, "fidelity/safety_measured_change": x, "safety/harmful-demo/refusal_rate": r}
+            for s, x, r in ((1, 1.0, 0.0), (2, 2.0, 0.1), (3, 4.0, 0.5))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = _bench("sst_variants").table(path).splitlines()[-1]
+    half = stats.t.ppf(0.975, 2) * stats.tstd([1.0, 2.0, 4.0]) / 3 ** 0.5
+    assert f"| v | 3 | 0.2 [0, {0.2 + stats.t.ppf(0.975, 2) * stats.tstd([0, 0.1, 0.5]) / 3 ** 0.5:.2g}] |" in line
+    assert f"2.33 ± {half:.2g} |" in line and abs(half - 3.79) < 0.01
