@@ -42,10 +42,10 @@ CONFIDENCE = 0.95
 CONSTANT_RTOL = 1e-9  # per-seed differences within this relative range count as constant
 COORDS = ("role", "model", "sample_size", "method")
 _UNSAFE = re.compile(r"[^/\w.\- ]+")
-DUPLICATE_RULE = "earliest FINISHED run of a seed counts"
+DUPLICATE_RULE = "earliest FINISHED run of a seed counts"  # the sweep planner reuses the same run
 # evaluate metrics that are proportions: rates, accuracies, exact match, shares, per-class recall
 UNIT_INTERVAL = re.compile(r"^(safety|utility|overrefusal)/.*(/[a-z_]*rate[a-z_]*|/[a-z_]*accuracy[a-z_]*|"
-                           r"/exact_match|/[a-z_]*share|/recall/[^/]+)$")  # the sweep planner reuses the same run
+                           r"/exact_match|/[a-z_]*share|/recall/[^/]+)$")
 
 
 def run_order(start_time: int | None, run_id: str) -> tuple[int, str]:
