@@ -22,20 +22,29 @@ NODES = 9  # 1 size x 1 seed x 1 method
 
 
 def test_two_sweeps_at_once_run_every_node_once(fakes, tmp_path):  # noqa: F811 - the fixture
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    """The race is made certain, not timed: the first sweep's nodes are held at a gate until the
+    second sweep has printed that it waits for one of them (CI once lost the race on a slow machine)."""
+    uri, gate, log = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "gate", tmp_path / "second.log"
     study = fake_study(fakes, tmp_path / "study.yaml", name="twice", seeds=(1,), methods=("a",))
     ensure_experiment(uri, "twice")  # both sweeps find the store ready
-    procs = [run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "1"}, background=True)]
-    while "RUNNING" not in {r.info.status for r in study_runs(uri, "twice")}:  # the second plans while the
-        time.sleep(0.2)                                                          # first runs a node
-        assert procs[0].poll() is None, procs[0].stdout.read()
-    procs.append(run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "1"}, background=True))
-    outs = [p.communicate()[0] for p in procs]
+    procs = [run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_GATE": str(gate)}, background=True)]
+    try:
+        while "RUNNING" not in {r.info.status for r in study_runs(uri, "twice")}:  # the second plans while
+            time.sleep(0.2)                                                         # the first runs a node
+            assert procs[0].poll() is None, procs[0].stdout.read()
+        procs.append(run_sweep(study, uri, fakes, "--workers", "2", env={"PYTHONUNBUFFERED": "1"},
+                               background=True, log=log))
+        while "[sweep] wait " not in log.read_text():  # it found the first sweep's claim
+            time.sleep(0.2)
+            assert procs[1].poll() is None, log.read_text()
+    finally:
+        gate.touch()
+    outs = [procs[0].communicate()[0], (procs[1].wait(), log.read_text())[1]]
     assert [p.returncode for p in procs] == [0, 0], outs
     per_node = finished_per_node(study_runs(uri, "twice"))
     assert len(per_node) == NODES and set(per_node.values()) == {1}, per_node  # before: 2 runs per node
     assert sum(o.count("[sweep] start ") for o in outs) == NODES
-    assert "was run by another sweep" in outs[1] and "[sweep] wait " in outs[1], outs[1]
+    assert "was run by another sweep" in outs[1], outs[1]  # what it waited for, it reused
     claims = study_runs(uri, st.claims_experiment("twice"))
     assert claims and "RUNNING" not in {r.info.status for r in claims}  # every claim was released
 

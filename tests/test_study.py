@@ -75,6 +75,8 @@ FAKE_STAGE = textwrap.dedent('''
                    tags={"role": role, "seed": seed, "upstream_run_ids": ",".join(ups) or "none", **extra},
                    run_name=node or stage) as run:
         time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+        while os.environ.get("FAKE_GATE") and not os.path.exists(os.environ["FAKE_GATE"]):
+            time.sleep(0.1)  # held until the test opens the gate (a race made certain, not timed)
         if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in node:
             raise RuntimeError("fake failure of " + node)
         h = lambda s: int(hashlib.sha256(f"{s}{run.tags['config_id']}{seed}".encode()).hexdigest()[:8], 16) / 16**8
@@ -129,8 +131,9 @@ def fake_study(fakes, path: Path, *, name: str, sizes=(16,), seeds=(1, 2), metho
 
 
 def run_sweep(study_file: Path, uri: str, fakes, *extra: str, env: dict | None = None,
-              background: bool = False):
-    """tracking/sweep.py's main in a child process, with the fake stage scripts swapped in."""
+              background: bool = False, log: Path | None = None):
+    """tracking/sweep.py's main in a child process, with the fake stage scripts swapped in. In the
+    background its output goes to a pipe, or to the file ``log`` (to be read while it runs)."""
     code = ("import sys; from sst_lab.tracking import study as st; from sst_lab.tracking.sweep import main\n"
             f"st.STAGE_SPECS.update({{k: st.StageSpec(*v) for k, v in {_spec_args(fakes)!r}.items()}})\n"
             "sys.exit(main(sys.argv[1:]))")
@@ -138,8 +141,12 @@ def run_sweep(study_file: Path, uri: str, fakes, *extra: str, env: dict | None =
            "--output_root", str(study_file.parent / "outputs"), *extra]
     full_env = {**stage_env(), **(env or {})}
     if background:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        if log is None:
+            return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+        with open(log, "w") as out:  # the child keeps its own copy of the file
+            return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=1800)
 
 
