@@ -21,7 +21,7 @@ from sst_lab.config import ConfigError
 from sst_lab.evaluate.splits import SplitError, hash_assign, load_split
 from sst_lab.evaluate.suites import SuiteError, load_items, load_suite, parse_suite
 from sst_lab.tracking import study as st
-from sst_lab.tracking.selection import SelectionError, choose, Candidate
+from sst_lab.tracking.selection import Candidate, SelectionError, SelectionSpec, choose, parse_constraints
 from test_study import run_sweep, write_fake_stages
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "xstest").is_dir(), reason="../shared/data not present")
@@ -85,6 +85,63 @@ def test_rule_picks_the_most_safety_within_delta_and_says_when_nothing_qualifies
     assert (chosen.label, ok) == ("c", True)
     chosen, ok = choose(cands, 0.95, "max_safety_within_delta", 0.02)
     assert (chosen.label, ok) == ("c", False)  # declared fallback: the smallest utility loss, flagged
+    for c, xs in zip(cands, (0.9, 0.5, 0.95, 1.0)):  # b refuses half the safe prompts
+        c.constraint_values = {"xs": xs}
+    chosen, ok = choose(cands, 0.80, "max_safety_within_delta", 0.02, [("xs", 0.1)], {"xs": 1.0})
+    assert (chosen.label, ok) == ("c", True) and cands[1].constraint_losses == {"xs": 0.5}
+    assert [c.admissible for c in cands] == [False, False, True, False]
+
+
+def test_constraints_are_checked_where_they_are_declared():
+    assert parse_constraints(["overrefusal/x/compliance_rate_safe=0.1"]) == [("overrefusal/x/compliance_rate_safe", 0.1)]
+    for bad in ("xs", "xs=-1", "xs=nan", "=0.1"):
+        with pytest.raises(SelectionError, match="METRIC=DELTA"):
+            parse_constraints([bad])
+    spec = SelectionSpec({"a": ["a1"]}, 1, "safety/s", "utility/u", constraints=[{"metric": "xs", "delta": -1}])
+    with pytest.raises(SelectionError, match=r"s.yaml: selection.constraints\[0\] must be"):
+        spec.check(["a1"], "s.yaml")
+    spec.constraints = [{"metric": "utility/u", "delta": 0.1}]
+    with pytest.raises(SelectionError, match="already the safety or utility metric"):
+        spec.check(["a1"], "s.yaml")
+
+
+def _validation_run(client, exp: str, role: str, metrics: dict, adapter: str = "none") -> str:
+    run = client.create_run(exp, tags={"stage": "evaluate", "split": "validation", "role": role, "seed": "1",
+                                       "suites": "s,xs", "adapter_run_id": adapter, "sweep.method": adapter})
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_select_stage_applies_a_constraint_and_records_it(tmp_path):
+    from sst_lab.tracking.select import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("con")
+    ref = _validation_run(client, exp, "utility", {"s": 0.0, "u": 0.8, "xs": 1.0})
+    loud = _validation_run(client, exp, "merged", {"s": 0.6, "u": 0.8, "xs": 0.5}, "m-loud")  # refuses safe prompts
+    quiet = _validation_run(client, exp, "merged", {"s": 0.3, "u": 0.8, "xs": 0.95}, "m-quiet")
+    argv = ["--candidates", loud, quiet, "--reference", ref, "--safety_metric", "s", "--utility_metric", "u",
+            "--delta", "0.02", "--study", "con", "--tracking_uri", uri]
+    assert main(argv) == 0 and main([*argv, "--constraints", "xs=0.1"]) == 0
+    sels = client.search_runs([exp], filter_string="tags.stage = 'select'", order_by=["attributes.start_time"])
+    plain, bound = sels
+    assert plain.data.tags["select.chosen_merge_run_id"] == "m-loud" and "select.constraints" not in plain.data.tags
+    assert bound.data.tags["select.chosen_merge_run_id"] == "m-quiet"
+    assert bound.data.tags["select.constraints"] == "xs loss <= 0.1"
+    assert bound.data.metrics["select/chosen/constraint_loss/xs"] == pytest.approx(0.05)
+    assert bound.data.tags["config_id"] != plain.data.tags["config_id"]
+    local = mlflow.artifacts.download_artifacts(run_id=bound.info.run_id, artifact_path="select/frontier.json",
+                                                tracking_uri=uri, dst_path=str(tmp_path / "dl"))
+    rec = json.loads(Path(local).read_text())
+    assert rec["constraints"] == [{"metric": "xs", "delta": 0.1}] and rec["reference"]["constraint_values"] == {"xs": 1.0}
+    assert [(c["merge_run_id"], c["admissible"]) for c in rec["candidates"]] == [("m-loud", False), ("m-quiet", True)]
+    with pytest.raises(SelectionError, match=f"reference \\(constraint\\): run {ref} has no finite metric 'mmlu'"):
+        main([*argv, "--constraints", "mmlu=0.1"])
+    failed = client.search_runs([exp], filter_string="attributes.status = 'FAILED'")
+    assert len(failed) == 1 and "'mmlu'" in failed[0].data.tags["error"]
 
 
 # ------------------------------------------------------------------------- a fake-stage study
@@ -111,10 +168,13 @@ def test_unequal_budgets_are_refused_unless_allowed(tmp_path):
     assert sum(n.stage == "select" for n in st.expand(study)) == 2 * 2
 
 
+XS = "overrefusal/xs/compliance_rate_safe"  # the fake evaluate stage logs it (tests/test_study.py)
+
+
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
     d = tmp_path_factory.mktemp("sel")
-    path = _study(d, "sel", {"a": ["a1", "a2"], "b": ["b1", "b2"]})
+    path = _study(d, "sel", {"a": ["a1", "a2"], "b": ["b1", "b2"]}, constraints=[{"metric": XS, "delta": 0.3}])
     uri = f"sqlite:///{d}/mlflow.db"
     proc = run_sweep(path, uri, write_fake_stages(d), "--workers", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -138,7 +198,8 @@ def test_sweep_selects_on_validation_and_tests_only_the_choice(selected):
         ref = by_id[[u for u in t["upstream_run_ids"].split(",") if u not in t["select.candidate_eval_run_ids"]][0]]
         assert ref.data.tags["split"] == "validation" and ref.data.tags["role"] == "utility"
         u_ref = ref.data.metrics["utility/task/exact_match"]
-        ok = [c for c in cands if u_ref - c.data.metrics["utility/task/exact_match"] <= 0.05]
+        ok = [c for c in cands if u_ref - c.data.metrics["utility/task/exact_match"] <= 0.05
+              and ref.data.metrics[XS] - c.data.metrics[XS] <= 0.3]  # the study's constraint
         expect = max(ok, key=lambda c: c.data.metrics["safety/harm/refusal_rate"]) if ok else \
             max(cands, key=lambda c: c.data.metrics["utility/task/exact_match"])
         assert t["select.chosen_eval_run_id"] == expect.info.run_id
@@ -151,6 +212,7 @@ def test_sweep_selects_on_validation_and_tests_only_the_choice(selected):
         rec = json.loads(Path(local).read_text())
         assert rec["chosen"]["eval_run_id"] == expect.info.run_id and len(rec["candidates"]) == 2
         assert any(c["on_frontier"] for c in rec["candidates"])
+        assert t["select.constraints"] == f"{XS} loss <= 0.3" and rec["constraints"] == [{"metric": XS, "delta": 0.3}]
 
 
 def test_a_test_split_run_never_feeds_a_selection(selected):

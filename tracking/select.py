@@ -6,7 +6,9 @@
 
 Only FINISHED evaluate runs tagged ``split=validation`` are accepted (a test-split run is refused).
 ``--fallback refuse`` fails the run when no candidate meets the rule (default ``min_loss``: choose
-the smallest utility loss and tag ``select.admissible=false``).
+the smallest utility loss and tag ``select.admissible=false``). ``--constraints METRIC=DELTA ...``
+bounds further validation metrics' loss against the reference the same way (e.g. XSTest safe-prompt
+compliance: ``overrefusal/xstest-keyword/compliance_rate_safe=0.1``).
 Logs the choice as tags (``select.chosen_merge_run_id`` ...), metrics (``select/chosen/...``) and
 ``select/frontier.json`` (every candidate, its utility loss, admissibility, Pareto frontier flag).
 See sst_lab.tracking.selection. Prints the run id.
@@ -33,6 +35,8 @@ def make_parser():
     p.add_argument("--fallback", default="min_loss", choices=("min_loss", "refuse"),
                    help="No admissible candidate: min_loss (choose the smallest utility loss, tagged "
                         "select.admissible=false) or refuse (the run fails, naming family and seed).")
+    p.add_argument("--constraints", nargs="*", default=[], metavar="METRIC=DELTA",
+                   help="Further validation metrics whose loss vs the reference may be at most DELTA.")
     p.add_argument("--family", default="none", help="The tuned method (label in tags and the report).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--study", default="default")
@@ -45,12 +49,14 @@ def main(argv=None) -> int:
     import mlflow
 
     from sst_lab.tracking.run import resolve_tracking_uri, stage_run
-    from sst_lab.tracking.selection import record_tags_metrics, select_from_runs
+    from sst_lab.tracking.selection import parse_constraints, record_tags_metrics, select_from_runs
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    # fallback only when not the default: select runs of before keep their config ids
+    constraints = parse_constraints(args.constraints)
+    # fallback and constraints only when not the default: select runs of before keep their config ids
     settings = {k: v for k, v in vars(args).items()
-                if k != "tracking_uri" and not (k == "fallback" and v == "min_loss")}
+                if k != "tracking_uri" and not (k == "fallback" and v == "min_loss")
+                and not (k == "constraints" and not v)}
     for_id = {**settings, "candidates": sorted(args.candidates)}
     tags = {"role": "select", "seed": args.seed, "upstream_run_ids": ",".join([*args.candidates, args.reference]),
             "select.family": args.family}
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
         client = mlflow.MlflowClient(tracking_uri=uri)
         record = select_from_runs(client, args.candidates, args.reference, safety_metric=args.safety_metric,
                                   utility_metric=args.utility_metric, rule=args.rule, delta=args.delta,
-                                  budget=args.budget, fallback=args.fallback,
+                                  budget=args.budget, fallback=args.fallback, constraints=constraints,
                                   what=f"select family {args.family}, seed {args.seed}")
         record["family"] = args.family
         extra_tags, metrics = record_tags_metrics(record)

@@ -18,10 +18,19 @@ adapter on the same validation items):
                                 utility - the candidate's lower 95 % bound ``<utility>_ci_low``)
                                 is <= ``delta`` (a conservative variant for small validation sets).
 
+``constraints`` (optional, both rules): further validation metrics a choice may not lose more than
+``delta`` of against the same reference, e.g. ``{metric: overrefusal/xstest-keyword/compliance_rate_safe,
+delta: 0.1}`` keeps a merge whose safety gain is bought with over-refusal of safe prompts from being
+chosen. A candidate is admissible only if it meets the utility bound and every constraint (point
+estimates); ``select/frontier.json`` gives each candidate's value and loss per constraint. The
+validation evaluations must score the constraint's suite (``validation_args``), or the select run
+fails naming the run and the metric.
+
 Ties: higher utility, then the candidate label. When no candidate is admissible, ``fallback``
 (declared in the study's ``selection:``, tag ``select.fallback``) decides:
 
-``min_loss`` (default)  the candidate with the smallest utility loss is chosen, and the run says so
+``min_loss`` (default)  the candidate with the smallest utility loss is chosen (constraints are not
+                        considered then), and the run says so
                         (``select.admissible = false``);
 ``refuse``              the select run FAILS, naming the family, the seed and every candidate's loss
                         (so nothing downstream is tested on a setting that broke the rule).
@@ -55,6 +64,7 @@ class SelectionSpec:
     delta: float = 0.02  # largest utility loss (in the metric's units) a chosen setting may cost
     allow_unequal_budgets: bool = False  # explicit opt-out of the equal-budget check
     fallback: str = FALLBACKS[0]  # no admissible candidate: min_loss (choose, flagged) or refuse (fail)
+    constraints: list[dict[str, Any]] = field(default_factory=list)  # [{metric, delta}]: more bounded losses
     validation_args: dict[str, Any] = field(default_factory=dict)  # evaluate overrides on validation
     test_args: dict[str, Any] = field(default_factory=dict)  # evaluate overrides on test
 
@@ -64,8 +74,17 @@ class SelectionSpec:
             raise SelectionError(f"{where}.rule must be one of {RULES}, got {self.rule!r}")
         if self.fallback not in FALLBACKS:
             raise SelectionError(f"{where}.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if not isinstance(self.delta, (int, float)) or isinstance(self.delta, bool) or not 0 <= self.delta < 1e9:
+        if not _non_negative(self.delta):
             raise SelectionError(f"{where}.delta must be a non-negative number, got {self.delta!r}")
+        for i, con in enumerate(self.constraints):
+            bad = not isinstance(con, Mapping) or set(con) != {"metric", "delta"} or \
+                not isinstance(con["metric"], str) or "=" in con["metric"] or not _non_negative(con["delta"])
+            if bad:
+                raise SelectionError(f"{where}.constraints[{i}] must be {{metric: <validation metric>, delta: "
+                                     f"<largest loss vs the utility adapter, >= 0>}}, got {con!r}")
+            if con["metric"] in (self.safety_metric, self.utility_metric):
+                raise SelectionError(f"{where}.constraints[{i}]: {con['metric']} is already the safety or "
+                                     "utility metric")
         if not self.families:
             raise SelectionError(f"{where}.families: give at least one family of candidate methods")
         seen: dict[str, str] = {}
@@ -88,6 +107,30 @@ class SelectionSpec:
                 raise SelectionError(f"{where}: validation_args/test_args set {key}; the sweep sets it")
 
 
+    def constraint_args(self) -> list[str]:
+        """The select stage's ``--constraints`` values: ``METRIC=DELTA``."""
+        return [f"{c['metric']}={c['delta']}" for c in self.constraints]
+
+
+def _non_negative(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e9
+
+
+def parse_constraints(values: list[str] | None) -> list[tuple[str, float]]:
+    """``METRIC=DELTA`` strings (the select stage's ``--constraints``) as (metric, delta) pairs."""
+    out = []
+    for v in values or []:
+        metric, sep, delta = v.rpartition("=")
+        try:
+            d = float(delta)
+        except ValueError:
+            d = math.nan
+        if not sep or not metric or not 0 <= d < 1e9:
+            raise SelectionError(f"--constraints: {v!r} is not METRIC=DELTA with DELTA >= 0")
+        out.append((metric, d))
+    return out
+
+
 @dataclass
 class Candidate:
     label: str  # the candidate's merge.methods label (sweep.method of its evaluate run)
@@ -99,6 +142,8 @@ class Candidate:
     loss: float = math.nan
     admissible: bool = False
     on_frontier: bool = False
+    constraint_values: dict[str, float] = field(default_factory=dict)  # constraint metric -> value
+    constraint_losses: dict[str, float] = field(default_factory=dict)  # reference value - value
 
 
 def check_validation_run(run: Any, what: str) -> None:
@@ -128,13 +173,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(s2 >= s and u2 >= u and (s2 > s or u2 > u) for s2, u2 in points) for s, u in points]
 
 
-def choose(cands: list[Candidate], reference_utility: float, rule: str, delta: float) -> tuple[Candidate, bool]:
-    """Apply ``rule``; returns the chosen candidate and whether it was admissible."""
+def choose(cands: list[Candidate], reference_utility: float, rule: str, delta: float,
+           constraints: list[tuple[str, float]] = (), reference_values: Mapping[str, float] | None = None,
+           ) -> tuple[Candidate, bool]:
+    """Apply ``rule`` and the ``constraints`` ((metric, delta) pairs; each candidate's
+    ``constraint_values`` against ``reference_values``); returns the chosen candidate and whether it
+    was admissible."""
     for c in cands:
         c.loss = reference_utility - c.utility
         bound = c.loss if rule == "max_safety_within_delta" else \
             (reference_utility - c.utility_ci_low if c.utility_ci_low is not None else math.inf)
         c.admissible = bound <= delta + 1e-12
+        for metric, d in constraints:
+            c.constraint_losses[metric] = reference_values[metric] - c.constraint_values[metric]
+            c.admissible = c.admissible and c.constraint_losses[metric] <= d + 1e-12
     for c, front in zip(cands, pareto_front([(c.safety, c.utility) for c in cands])):
         c.on_frontier = front
     ok = [c for c in cands if c.admissible]
@@ -145,7 +197,7 @@ def choose(cands: list[Candidate], reference_utility: float, rule: str, delta: f
 
 def select_from_runs(client: Any, candidate_ids: list[str], reference_id: str, *, safety_metric: str,
                      utility_metric: str, rule: str, delta: float, budget: int | None, fallback: str = FALLBACKS[0],
-                     what: str = "selection") -> dict[str, Any]:
+                     constraints: list[tuple[str, float]] = (), what: str = "selection") -> dict[str, Any]:
     """Read and check the runs, choose, and return the record the select run logs (``what`` names the
     family and seed in errors)."""
     if rule not in RULES:
@@ -159,6 +211,7 @@ def select_from_runs(client: Any, candidate_ids: list[str], reference_id: str, *
     ref = client.get_run(reference_id)
     check_validation_run(ref, "reference")
     ref_utility = _metric(ref, utility_metric, "reference")
+    ref_values = {m: _metric(ref, m, "reference (constraint)") for m, _ in constraints}
     cands, seeds, suites = [], {ref.data.tags.get("seed")}, {ref.data.tags.get("suites")}
     for rid in candidate_ids:
         run = client.get_run(rid)
@@ -174,19 +227,24 @@ def select_from_runs(client: Any, candidate_ids: list[str], reference_id: str, *
             raise SelectionError(f"candidates: run {rid} has no {utility_metric}_ci_low, which rule {rule} needs")
         cands.append(Candidate(tags.get("sweep.method") or tags.get("merge_method") or rid, rid,
                                tags["adapter_run_id"], _metric(run, safety_metric, "candidates"),
-                               _metric(run, utility_metric, "candidates"), low))
+                               _metric(run, utility_metric, "candidates"), low,
+                               constraint_values={m: _metric(run, m, "candidates (constraint)")
+                                                  for m, _ in constraints}))
     if len(seeds) > 1 or len(suites) > 1:
         raise SelectionError(f"candidates and reference must share seed and suites; seeds {sorted(map(str, seeds))}, "
                              f"suites {sorted(map(str, suites))}")
-    chosen, admissible = choose(cands, ref_utility, rule, delta)
+    chosen, admissible = choose(cands, ref_utility, rule, delta, constraints, ref_values)
     if not admissible and fallback == "refuse":
-        losses = ", ".join(f"{c.label}: loss {c.loss:.4f}" for c in cands)
-        raise SelectionError(f"{what}: no candidate meets rule {rule} with delta {delta} (reference utility "
+        losses = ", ".join(f"{c.label}: loss {c.loss:.4f}" + "".join(f", {m} loss {v:.4f}" for m, v in
+                                                                     c.constraint_losses.items()) for c in cands)
+        raise SelectionError(f"{what}: no candidate meets rule {rule} with delta {delta}"
+                             + "".join(f" and {m} loss <= {d}" for m, d in constraints) + " (reference utility "
                              f"{ref_utility:.4f}; {losses}) and the declared fallback is refuse; widen delta, add "
                              "candidates, or declare selection.fallback: min_loss")
     return {"rule": rule, "delta": delta, "budget": budget, "fallback": fallback, "safety_metric": safety_metric,
             "utility_metric": utility_metric, "split": SELECT_SPLIT,
-            "reference": {"eval_run_id": reference_id, "utility": ref_utility},
+            "reference": {"eval_run_id": reference_id, "utility": ref_utility, "constraint_values": ref_values},
+            "constraints": [{"metric": m, "delta": d} for m, d in constraints],
             "chosen": vars(chosen), "admissible": admissible,
             "candidates": [vars(c) for c in cands]}
 
@@ -198,9 +256,13 @@ def record_tags_metrics(record: Mapping[str, Any]) -> tuple[dict[str, str], dict
             "select.rule": record["rule"], "select.delta": str(record["delta"]), "split": SELECT_SPLIT,
             "select.fallback": record["fallback"],
             "select.candidate_eval_run_ids": ",".join(c["eval_run_id"] for c in record["candidates"])}
+    if record.get("constraints"):
+        tags["select.constraints"] = "; ".join(f"{c['metric']} loss <= {c['delta']}" for c in record["constraints"])
     metrics = {"select/chosen/safety": ch["safety"], "select/chosen/utility": ch["utility"],
                "select/chosen/utility_loss": ch["loss"], "select/reference/utility": record["reference"]["utility"],
                "select/n_candidates": float(len(record["candidates"])),
                "select/n_admissible": float(sum(c["admissible"] for c in record["candidates"])),
                "select/n_frontier": float(sum(c["on_frontier"] for c in record["candidates"]))}
+    for metric, loss in ch.get("constraint_losses", {}).items():
+        metrics[f"select/chosen/constraint_loss/{metric}"] = loss
     return tags, metrics

@@ -65,6 +65,8 @@ def expand_selected(study: Study) -> list[Node]:
                                 "budget": len(labels)}
                     if sel.fallback != "min_loss":  # the default stays out of the key: existing plans unchanged
                         sel_args["fallback"] = sel.fallback
+                    if sel.constraints:
+                        sel_args["constraints"] = sel.constraint_args()
                     ups = {f"candidates#{i}": e for i, e in enumerate(cand_evals)}
                     ups["reference"] = util_val
                     sel_id = add(Node(f"select-{_SAFE.sub('_', family)}-{label}{sid}-s{seed}", "select", "select",
