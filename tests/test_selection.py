@@ -246,7 +246,7 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
     assert sorted(r.data.tags["aggregate.method"] for r in aggs) == ["a", "b"]
     out = tmp_path / "report"
     assert report(["--study", "sel", "--tracking_uri", selected["uri"], "--output_dir", str(out),
-                   "--safety_metric", "safety/harm/refusal_rate", "--overrefusal_metric", "safety/harm/refusal_rate"]) == 0
+                   "--safety_metric", "safety/harm/refusal_rate", "--overrefusal_metric", XS]) == 0
     table = json.loads((out / "report_table.json").read_text())
     assert table["metrics"]["utility"] == "utility/task/exact_match"  # the task metric, not MMLU, by default
     sel = table["selection"]
@@ -255,7 +255,8 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
     for row in sel["rows"]:
         agg = client.get_run(row["aggregate_run_id"])
         m = agg.data.metrics
-        for col, name in (("safety", "safety/harm/refusal_rate"), ("utility", "utility/task/exact_match")):
+        for col, name in (("safety", "safety/harm/refusal_rate"), ("utility", "utility/task/exact_match"),
+                          ("overrefusal", XS)):  # what the rule did not see is in the table too
             assert row[f"{col}_mean"] == m[f"{name}/mean"] and row[f"{col}_ci_low"] == m[f"{name}/ci_low"]
             assert f"{m[f'{name}/mean']:.3f} [{m[f'{name}/ci_low']:.3f}, {m[f'{name}/ci_high']:.3f}] (n=2)" in html
         # the aggregate itself is the mean over the three seeds' test runs of the chosen settings
@@ -269,6 +270,8 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
         assert m["safety/harm/refusal_rate/mean"] == pytest.approx(sum(vals) / 2)
         other = "b" if row["family"] == "a" else "a"
         assert f"paired/{other}/safety/harm/refusal_rate/p_value" in m
+        assert row["paired"][other]["overrefusal_p_value"] == m[f"paired/{other}/{XS}/p_value"]
+    assert sel["overrefusal_metric"] == XS and f"<th>{XS}</th>" in html
 
 
 def test_evaluate_stage_scores_only_its_split_and_records_it(world, store, tmp_path):

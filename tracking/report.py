@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="sst-report-") as work:
             spectra = reporting.merge_spectra(client, exp.experiment_id, Path(work))
             selection = selection_section(client, exp.experiment_id, Path(work), data.metrics["safety"],
-                                          data.metrics["utility"])
+                                          data.metrics["utility"], data.metrics.get("overrefusal"))
         files = reporting.write_report(data, spectra, out, selection)
         run.log_artifacts(out, "report")
         run.log_metrics({"report/n_aggregates": len(data.aggs), "report/n_spectra": len(spectra)})

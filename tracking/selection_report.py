@@ -144,12 +144,16 @@ def _frontiers(client: Any, runs: list[Any], work: Path) -> dict[tuple[str, str,
 
 
 def selection_section(client: Any, experiment_id: str, work: Path, safety_metric: str,
-                      utility_metric: str) -> dict[str, Any] | None:
-    """Table rows (from the selected aggregate runs) and validation frontiers; None without selections."""
+                      utility_metric: str, overrefusal_metric: str | None = None) -> dict[str, Any] | None:
+    """Table rows (from the selected aggregate runs) and validation frontiers; None without selections.
+    ``overrefusal_metric`` adds its column (the selection rule may not see what a choice costs there)."""
     runs = fetch_runs(client, experiment_id)
     aggs = [r for r in runs if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE and r.info.status == "FINISHED"]
     if not aggs:
         return None
+    columns = [("safety", safety_metric), ("utility", utility_metric)]
+    if overrefusal_metric and overrefusal_metric not in (safety_metric, utility_metric):
+        columns.append(("overrefusal", overrefusal_metric))
     rows = []
     for r in sorted(aggs, key=lambda r: r.data.tags["aggregate.group_config_id"]):
         t, m = r.data.tags, r.data.metrics
@@ -157,20 +161,21 @@ def selection_section(client: Any, experiment_id: str, work: Path, safety_metric
                "family": t["aggregate.method"], "seeds": t["aggregate.seeds"],
                "chosen": t.get("aggregate.chosen_candidates", ""),
                "invalid_suites": t.get("aggregate.invalid_suites", "none")}
-        for col, name in (("safety", safety_metric), ("utility", utility_metric)):
+        for col, name in columns:
             for stat in ("mean", "ci_low", "ci_high", "n"):
                 if f"{name}/{stat}" in m:
                     row[f"{col}_{stat}"] = m[f"{name}/{stat}"]
         row["paired"] = {}
         for key, value in m.items():
-            for col, name in (("safety", safety_metric), ("utility", utility_metric)):
+            for col, name in columns:
                 if key.startswith("paired/") and key.endswith(f"/{name}/p_value"):
                     other = key[len("paired/"):-len(f"/{name}/p_value")]
                     row["paired"].setdefault(other, {})[f"{col}_p_value"] = value
                     row["paired"][other][f"{col}_diff"] = m[f"paired/{other}/{name}/mean"]
         rows.append(row)
     fronts = _frontiers(client, runs, work)
-    return {"safety_metric": safety_metric, "utility_metric": utility_metric, "rows": rows,
+    return {"safety_metric": safety_metric, "utility_metric": utility_metric,
+            "overrefusal_metric": dict(columns).get("overrefusal"), "rows": rows,
             "frontiers": {"|".join(k): v for k, v in fronts.items()}}
 
 
@@ -224,17 +229,19 @@ def render_section(section: dict[str, Any]) -> str:
         ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
         return f"{r[f'{col}_mean']:.3f}{ci} (n={int(r.get(f'{col}_n', 0))})"
 
+    cols = ["safety", "utility"] + (["overrefusal"] if section.get("overrefusal_metric") else [])
+
     def paired(r):
         parts = []
         for other, v in sorted(r["paired"].items()):
-            for col in ("safety", "utility"):
+            for col in cols:
                 if f"{col}_p_value" in v:
                     parts.append(f"vs {other}: Δ{col} {v[f'{col}_diff']:+.3f} (p={v[f'{col}_p_value']:.3g})")
         return "; ".join(parts) or "—"
 
     body = "".join(
         f"<tr><td>{e(r['model'])}</td><td>{e(r['sample_size'])}</td><td>{e(r['family'])}</td>"
-        f"<td>{e(r['chosen'])}</td><td>{cell(r, 'safety')}</td><td>{cell(r, 'utility')}</td>"
+        f"<td>{e(r['chosen'])}</td>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols) +
         f"<td>{e(paired(r))}</td></tr>" for r in section["rows"])
     notes = "".join(f"<li>{e(r['model'])} {e(r['family'])}: invalid suites (suite:seeds) {e(r['invalid_suites'])}, "
                     f"left out of those suites' means (aggregate run {e(r['aggregate_run_id'])})</li>"
@@ -244,5 +251,5 @@ def render_section(section: dict[str, Any]) -> str:
             "validation split (select runs); cells are test-split means with the 95% Student-t interval over seeds; "
             "paired t-tests between families at their chosen settings over common seeds.</p>"
             "<table><tr><th>model</th><th>n</th><th>method</th><th>chosen (per seed)</th>"
-            f"<th>{e(section['safety_metric'])}</th><th>{e(section['utility_metric'])}</th><th>paired</th></tr>"
+            + "".join(f"<th>{e(section[f'{c}_metric'])}</th>" for c in cols) + "<th>paired</th></tr>"
             f"{body}</table>{notes}")
