@@ -77,6 +77,8 @@ FAKE_STAGE = textwrap.dedent('''
         time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
         while os.environ.get("FAKE_GATE") and not os.path.exists(os.environ["FAKE_GATE"]):
             time.sleep(0.1)  # held until the test opens the gate (a race made certain, not timed)
+        while os.environ.get("FAKE_HOLD") and os.environ["FAKE_HOLD"] in node:
+            time.sleep(0.1)  # this node runs until it is killed
         if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in node:
             raise RuntimeError("fake failure of " + node)
         h = lambda s: int(hashlib.sha256(f"{s}{run.tags['config_id']}{seed}".encode()).hexdigest()[:8], 16) / 16**8
@@ -338,11 +340,12 @@ def test_killed_sweep_resumes_without_duplicates(fakes, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = fake_study(fakes, tmp_path / "study.yaml", name="killed", seeds=(1,), methods=("a",))
     ensure_experiment(uri, "killed")  # the store exists before this test polls it
-    proc = run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_SLEEP": "3"}, background=True)
-    while True:  # kill it once two stages finished and one is running
+    proc = run_sweep(study, uri, fakes, "--workers", "2", env={"FAKE_HOLD": "merge-a-"}, background=True)
+    while True:  # kill it once two stages finished and the merge (held until killed) is running
         time.sleep(0.5)
-        statuses = [r.info.status for r in study_runs(uri, "killed")]
-        if statuses.count("FINISHED") >= 2 and "RUNNING" in statuses:
+        runs = study_runs(uri, "killed")
+        held = [r for r in runs if r.data.tags.get("sweep.node", "").startswith("merge-a-")]
+        if [r.info.status for r in runs].count("FINISHED") >= 2 and held and held[0].info.status == "RUNNING":
             break
         assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGTERM)  # the sweep forwards it to its running stages
