@@ -175,6 +175,9 @@ XS = "overrefusal/xs/compliance_rate_safe"  # the fake evaluate stage logs it (t
 def selected(tmp_path_factory):
     d = tmp_path_factory.mktemp("sel")
     path = _study(d, "sel", {"a": ["a1", "a2"], "b": ["b1", "b2"]}, constraints=[{"metric": XS, "delta": 0.3}])
+    data = yaml.safe_load(path.read_text())
+    data["compare"] = {"args": {"n_boot": 10}, "pairs": [["merged", "utility"]]}
+    path.write_text(yaml.safe_dump(data))
     uri = f"sqlite:///{d}/mlflow.db"
     proc = run_sweep(path, uri, write_fake_stages(d), "--workers", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -243,7 +246,8 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
     client = selected["client"]
     exp = client.get_experiment_by_name("sel").experiment_id
     aggs = client.search_runs([exp], filter_string="tags.`aggregate.group_stage` = 'selected'")
-    assert sorted(r.data.tags["aggregate.method"] for r in aggs) == ["a", "b"]
+    assert sorted((r.data.tags["aggregate.method"], r.data.tags["aggregate.role"]) for r in aggs) == [
+        ("a", "merged"), ("a", "merged_vs_utility"), ("b", "merged"), ("b", "merged_vs_utility")]
     out = tmp_path / "report"
     assert report(["--study", "sel", "--tracking_uri", selected["uri"], "--output_dir", str(out),
                    "--safety_metric", "safety/harm/refusal_rate", "--overrefusal_metric", XS]) == 0
@@ -272,6 +276,27 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
         assert f"paired/{other}/safety/harm/refusal_rate/p_value" in m
         assert row["paired"][other]["overrefusal_p_value"] == m[f"paired/{other}/{XS}/p_value"]
     assert sel["overrefusal_metric"] == XS and f"<th>{XS}</th>" in html
+    # the main table shows the test split only: reference rows from test aggregates, one row per family
+    # from its selected aggregate (whatever setting each seed chose), its tax from the chosen settings'
+    # compare runs; validation candidates (a1, a2, ...) are not rows (before: the utility row was its
+    # validation aggregate and a family's row one of its settings' groups)
+    cells = {(c["row"], c["column"]): c for c in table["cells"]}
+    assert {r for r, _ in cells} == {"base", "utility", "safety", "a", "b"} and "test split" in html
+    for (row, col), c in cells.items():
+        if c["aggregate_run_id"] is None:
+            assert row in ("base", "safety", "utility") or col == "overrefusal", c  # not run in this study
+            continue
+        agg = client.get_run(c["aggregate_run_id"])
+        assert agg.data.tags["aggregate.split"] == "test", c
+        if row in ("a", "b"):
+            by_col = {"tax": "merged_vs_utility"}.get(col, "merged")
+            assert agg.data.tags["aggregate.group_stage"] == "selected" and agg.data.tags["aggregate.role"] == by_col
+            members = agg.data.tags["aggregate.member_run_ids"].split(",")
+            assert len(members) == 2 and c["n"] == 2
+            if col == "tax":  # the compare runs of exactly the chosen settings' test evaluations
+                tests = {client.get_run(i).data.tags["candidate_run_id"] for i in members}
+                evals = next(r for r in sel["rows"] if r["family"] == row)["aggregate_run_id"]
+                assert tests == set(client.get_run(evals).data.tags["aggregate.member_run_ids"].split(","))
 
 
 def test_evaluate_stage_scores_only_its_split_and_records_it(world, store, tmp_path):

@@ -71,6 +71,8 @@ FAKE_STAGE = textwrap.dedent('''
         up = client.get_run(cfg["adapter"]) if "adapter" in cfg else None
         role = up.data.tags["role"] if up else "base"
         extra = {"split": cfg.get("split", "all"), "adapter_run_id": cfg.get("adapter", "none")}
+    if stage == "compare":  # the runs it compared, as compare tags them
+        extra = {"candidate_run_id": cfg["candidate"], "reference_run_id": cfg["reference"]}
     with stage_run(stage=stage, study=cfg["study"], config={"fake": cfg}, config_for_id={"fake": for_id},
                    tags={"role": role, "seed": seed, "upstream_run_ids": ",".join(ups) or "none", **extra},
                    run_name=node or stage) as run:

@@ -69,14 +69,14 @@ class Group:
     stage: str
     config_id: str
     members: list[Member]
-    coords: dict[str, str]  # role, model, sample_size, method
+    coords: dict[str, str]  # role, model, sample_size, method, split
     ignored: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         c = self.coords
         parts = [self.stage, c["role"], c["method"] if c["method"] != "none" else "", c["model"],
-                 f"n{c['sample_size']}" if c["sample_size"] != "none" else ""]
+                 f"n{c['sample_size']}" if c["sample_size"] != "none" else "", c["split"] if c["split"] != "all" else ""]
         return "-".join(p for p in parts if p)
 
 
@@ -208,7 +208,8 @@ def coordinates(tags: Mapping[str, str], by_id: Mapping[str, Any]) -> dict[str, 
                 method = up.data.tags.get("sweep.method") or up.data.tags.get("merge_method", "none")
                 break
     return {"role": tags.get("sweep.role") or tags.get("role", "none"), "model": model or "none",
-            "sample_size": tags.get("sweep.sample_size") or tags.get("sample_size", "none"), "method": method}
+            "sample_size": tags.get("sweep.sample_size") or tags.get("sample_size", "none"), "method": method,
+            "split": tags.get("split") or "all"}  # evaluate runs of a selection study: validation or test
 
 
 def build_groups(runs: list[Any]) -> list[Group]:
@@ -254,14 +255,15 @@ def group_summaries(group: Group) -> dict[str, Summary]:
 def paired_comparisons(groups: list[Group]) -> tuple[dict[str, dict[str, dict[str, Summary]]], list[str]]:
     """For every group with a method: {other method: {metric: paired summary}}, keyed by group label.
 
-    Families are groups of the same stage, role, model and sample size; a family where two groups
-    carry the same method label is ambiguous and skipped (returned in the second value).
+    Families are groups of the same stage, role, model, sample size and split (runs on different
+    items are never paired); a family where two groups carry the same method label is ambiguous
+    and skipped (returned in the second value).
     """
     families: dict[tuple, list[Group]] = {}
     for g in groups:
         if g.coords["method"] != "none":
             c = g.coords
-            families.setdefault((g.stage, c["role"], c["model"], c["sample_size"]), []).append(g)
+            families.setdefault((g.stage, c["role"], c["model"], c["sample_size"], c["split"]), []).append(g)
     out: dict[str, dict[str, dict[str, Summary]]] = {}
     skipped = []
     for fam, gs in families.items():

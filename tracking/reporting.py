@@ -14,6 +14,11 @@ seeds excludes 0; ``k/n`` after a tax: seeds where the tax is defined (significa
 ``k/n valid`` after a value: seeds whose suite was valid (an evaluate run marks a suite with too many
 empty or degenerate responses invalid; aggregation leaves those seeds out of that suite's means and
 names them in ``aggregate.invalid_suites``), with a line per such aggregate under the table.
+
+The table shows one split (``table_split``): in a study with a selection, the test split, with
+each method's row from its ``selected`` aggregate (the setting each seed chose); validation
+numbers are in the selection section. A cell that more than one aggregate matches is left empty
+and names them (e.g. a tax when seeds chose different settings), never one picked at random.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from mlflow.exceptions import MlflowException
+
+from sst_lab.tracking.selection_report import GROUP_STAGE
 
 ALPHA = 0.05
 DEFAULT_PATTERNS = {
@@ -52,6 +59,7 @@ class Agg:
     method: str
     metrics: dict[str, float]
     tags: dict[str, str]
+    split: str = "all"  # the evaluate runs' split (validation / test in a selection study)
 
     def invalid_seeds(self) -> dict[str, list[str]]:
         """suite -> seeds whose evaluation of it was invalid (tag ``aggregate.invalid_suites``)."""
@@ -108,6 +116,8 @@ class ReportData:
     methods: list[str]
     reference_method: str | None
     cells: list[Cell] = field(default_factory=list)
+    split: str = "all"  # the split the table shows: test when the study has one (see ``table_split``)
+    selected: bool = False  # merged rows are the chosen settings' aggregates (stage ``selected``)
 
 
 def load_aggregates(client: Any, experiment_id: str) -> list[Agg]:
@@ -120,7 +130,7 @@ def load_aggregates(client: Any, experiment_id: str) -> list[Agg]:
             continue
         out.append(Agg(r.info.run_id, t["aggregate.group_stage"], t.get("aggregate.role", "none"),
                        t.get("aggregate.model", "none"), t.get("aggregate.sample_size", "none"),
-                       t.get("aggregate.method", "none"), dict(r.data.metrics), dict(t)))
+                       t.get("aggregate.method", "none"), dict(r.data.metrics), dict(t), t.get("aggregate.split", "all")))
     return out
 
 
@@ -152,17 +162,29 @@ def _size_key(s: str) -> tuple[int, float]:
         return (1, 0.0)
 
 
+def table_split(aggs: list[Agg]) -> str:
+    """The one split the table shows: ``test`` when any evaluate aggregate is of the test split (a
+    study with a selection: validation numbers chose the settings and are in the selection
+    section), else ``all`` (a study without splits), else the only split there is."""
+    splits = {a.split for a in aggs if a.stage == "evaluate"}
+    return next((s for s in ("test", "all") if s in splits), min(splits, default="all"))
+
+
 def build(study: str, aggs: list[Agg], chosen: Mapping[str, str | None], reference_method: str | None) -> ReportData:
     if not aggs:
         raise ValueError(f"report: study {study!r} has no aggregate runs; run tracking/aggregate.py --study {study}")
-    metrics = pick_metrics(aggs, chosen)
-    models = sorted({a.model for a in aggs if a.stage == "evaluate"})
-    sizes = sorted({a.sample_size for a in aggs if a.stage == "evaluate" and a.sample_size != "none"}, key=_size_key)
-    methods = sorted({a.method for a in aggs if a.stage == "evaluate" and a.role == "merged"})
+    split = table_split(aggs)
+    shown = [a for a in aggs if a.stage != "evaluate" or a.split == split]  # one split, never a mix
+    metrics = pick_metrics(shown, chosen)
+    models = sorted({a.model for a in shown if a.stage == "evaluate"})
+    sizes = sorted({a.sample_size for a in shown if a.stage == "evaluate" and a.sample_size != "none"}, key=_size_key)
+    selected = sorted({a.method for a in shown if a.stage == GROUP_STAGE and a.split == split})
+    methods = selected or sorted({a.method for a in shown if a.stage == "evaluate" and a.role == "merged"})
     ref = reference_method if reference_method in methods else (methods[0] if methods else None)
     if ref:
         methods = [ref, *[m for m in methods if m != ref]]
-    data = ReportData(study, aggs, metrics, models, sizes or ["none"], methods, ref)
+    data = ReportData(study, shown, metrics, models, sizes or ["none"], methods, ref, split=split,
+                      selected=bool(selected))
     for size in data.sample_sizes:
         for model in models:
             for row in [*REFERENCE_ROWS, *methods]:
@@ -171,13 +193,15 @@ def build(study: str, aggs: list[Agg], chosen: Mapping[str, str | None], referen
     return data
 
 
-def find(aggs: list[Agg], stage: str, role: str, model: str, size: str, method: str = "none") -> Agg | None:
-    """The aggregate of (stage, role, model, method) at this sample size, else the size-free one."""
+def find(aggs: list[Agg], stage: str, role: str, model: str, size: str, method: str = "none") -> list[Agg]:
+    """The aggregates of (stage, role, model, method) at this sample size, else the size-free ones:
+    one, or several when the cell is ambiguous (e.g. the chosen setting differs between seeds, so
+    their compare runs fall into one group per setting); the caller says so instead of picking."""
     for s in (size, "none"):
         hits = [a for a in aggs if (a.stage, a.role, a.model, a.sample_size, a.method) == (stage, role, model, s, method)]
         if hits:
-            return hits[0]
-    return None
+            return hits
+    return []
 
 
 def _cell(data: ReportData, size: str, model: str, row: str, col: str) -> Cell:
@@ -186,9 +210,15 @@ def _cell(data: ReportData, size: str, model: str, row: str, col: str) -> Cell:
     merged = row not in REFERENCE_ROWS
     if col == "tax":
         role = "merged_vs_utility" if merged else ("safety_vs_base" if row == "safety" else None)
-        agg = find(data.aggs, "compare", role, model, size, row if merged else "none") if role else None
+        stage = GROUP_STAGE if merged and data.selected else "compare"
+        hits = find(data.aggs, stage, role, model, size, row if merged else "none") if role else []
     else:
-        agg = find(data.aggs, "evaluate", "merged" if merged else row, model, size, row if merged else "none")
+        stage = GROUP_STAGE if merged and data.selected else "evaluate"
+        hits = find(data.aggs, stage, "merged" if merged else row, model, size, row if merged else "none")
+    if len(hits) > 1:
+        cell.note = f"{len(hits)} aggregates match, none shown: " + ", ".join(a.run_id for a in hits)
+        return cell
+    agg = hits[0] if hits else None
     s = agg.summary(metric) if agg is not None else None
     if s is None:
         if agg is not None and col == "tax":
@@ -427,7 +457,8 @@ def render_table(data: ReportData, size: str) -> str:
         label = f"{row} (reference)" if row == data.reference_method else row
         body.append(f"<tr><th>{e(label)}</th>{''.join(tds)}</tr>")
     notes = "".join(f"<li>{e(n)}</li>" for n in invalid_notes(data, size))
-    return (f"<h3>sample size {e(size)}</h3><table><tr><th rowspan=2>model / method</th>{head1}</tr>"
+    where = f", {data.split} split" if data.split != "all" else ""
+    return (f"<h3>sample size {e(size)}{e(where)}</h3><table><tr><th rowspan=2>model / method</th>{head1}</tr>"
             f"<tr>{head2}</tr>{''.join(body)}</table>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""))
 
 
@@ -435,7 +466,7 @@ def invalid_notes(data: ReportData, size: str) -> list[str]:
     """One line per evaluate aggregate of this sample size (or size-free) with seeds whose suite was invalid."""
     out = []
     for a in data.aggs:
-        if a.stage == "evaluate" and a.sample_size in (size, "none") and a.model in data.models:
+        if a.stage in ("evaluate", GROUP_STAGE) and a.sample_size in (size, "none") and a.model in data.models:
             for suite, seeds in sorted(a.invalid_seeds().items()):
                 who = a.role if a.method == "none" else f"{a.role} {a.method}"
                 out.append(f"{a.model} {who}: suite {suite} was invalid (too many empty or degenerate responses) "

@@ -17,20 +17,21 @@ from typing import Any
 
 from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, clipped_tag,
                                           fetch_runs, invalid_record, invalid_suites, log_metrics_chunked,
-                                          metric_range, paired_summary, study_runs, suite_of, summarize,
-                                          valid_metrics)
+                                          metric_range, paired_summary, run_order, study_runs, suite_of,
+                                          summarize, valid_metrics)
 
 GROUP_STAGE = "selected"
 
 
 def _chosen_tests(runs: list[Any]) -> tuple[dict[tuple[str, str, str], dict[str, Any]], dict[str, str]]:
-    """(model, sample_size, family) -> {seed: test evaluate run of the chosen merge} (latest run wins),
-    and each chosen merge run id -> the candidate label its select run chose."""
+    """(model, sample_size, family) -> {seed: test evaluate run of the chosen merge}, and each chosen
+    merge run id -> the candidate label its select run chose. Of duplicate runs the first counts
+    (``aggregation.run_order``), as for the sweep's reuse and every other aggregate."""
     tests = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("stage") == "evaluate"
              and r.data.tags.get("split") == "test"]
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     labels: dict[str, str] = {}
-    for sel in runs:
+    for sel in sorted(runs, key=lambda r: run_order(r.info.start_time, r.info.run_id)):
         t = sel.data.tags
         if t.get("stage") != "select" or sel.info.status != "FINISHED":
             continue
@@ -43,19 +44,32 @@ def _chosen_tests(runs: list[Any]) -> tuple[dict[tuple[str, str, str], dict[str,
         mine = [r for r in tests if r.data.tags.get("adapter_run_id") == merge_id]
         if not mine:
             continue  # the test evaluation of this choice has not run yet
-        run = max(mine, key=lambda r: r.info.start_time or 0)
+        run = min(mine, key=lambda r: run_order(r.info.start_time, r.info.run_id))
         key = (t.get("sweep.model", "none"), t.get("sweep.sample_size", "none"), t.get("select.family", "none"))
-        seeds = out.setdefault(key, {})
-        old = seeds.get(t.get("seed"))
-        if old is None or (run.info.start_time or 0) > (old.info.start_time or 0):
-            seeds[t.get("seed")] = run
+        out.setdefault(key, {}).setdefault(t.get("seed"), run)
     return out, labels
 
 
-def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[str]:
-    """One aggregate run per (model, sample size, family) of chosen settings on test; reopened on rerun."""
-    from sst_lab.tracking.run import stage_run
+def _chosen_compares(runs: list[Any], tests: dict[tuple[str, str, str], dict[str, Any]],
+                     ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """(model, sample_size, family, compare role) -> {seed: compare run whose candidate is the chosen
+    setting's test evaluation}: the safety tax of the chosen settings, whichever setting each seed chose."""
+    where = {run.info.run_id: (key, seed) for key, by_seed in tests.items() for seed, run in by_seed.items()}
+    out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in sorted(runs, key=lambda r: run_order(r.info.start_time, r.info.run_id)):
+        t = r.data.tags
+        hit = where.get(t.get("candidate_run_id", ""))
+        if r.info.status != "FINISHED" or t.get("stage") != "compare" or hit is None:
+            continue
+        (model, size, family), seed = hit
+        role = t.get("sweep.role") or f"{t.get('role', 'none')}_vs_{t.get('reference_role', 'none')}"
+        out.setdefault((model, size, family, role), {}).setdefault(seed, r)
+    return out
 
+
+def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, echo=print) -> list[str]:
+    """One aggregate run per (model, sample size, family) of the chosen settings' test evaluations,
+    and one per (model, sample size, family, compare pair) of their compare runs; reopened on rerun."""
     uri, runs = study_runs(study, tracking_uri)
     groups, chosen = _chosen_tests(runs)
     existing = {r.data.tags.get("aggregate.group_config_id"): r for r in runs
@@ -87,31 +101,57 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
         inv_tags, inv_metrics = invalid_record((s, invalid[s]) for s in sorted(by_seed))
         metrics = aggregate_metrics(summaries, paired)  # as write_aggregates: a NaN fails the run, by name
         metrics.update(inv_metrics)
-        gid = f"{GROUP_STAGE}/{model}/n{size}/{family}"
         members = [by_seed[s] for s in sorted(by_seed)]
-        ids = [r.info.run_id for r in members]
-        tags = {"role": "merged", "sample_size": size, "seed": "all", "upstream_run_ids": ",".join(ids),
-                "aggregate.group_stage": GROUP_STAGE, "aggregate.group_config_id": gid, "aggregate.role": "merged",
-                "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
-                "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
-                "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(sorted(by_seed)),
+        tags = {"role": "merged", "aggregate.role": "merged",
                 "aggregate.chosen_candidates": ",".join(chosen[r.data.tags["adapter_run_id"]] for r in members),
-                "aggregate.ci_clipped": clipped_tag(summaries),
                 **inv_tags}
-        old = existing.get(gid)
-        with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
-                       tags=tags, run_name=f"aggregate-{gid.replace('/', '-')}", tracking_uri=uri,
-                       resume_run_id=old.info.run_id if old is not None else None) as run:
-            log_metrics_chunked(run, metrics)
-            run.log_json({"group": gid, "members": ids, "metrics": {k: vars(v) for k, v in summaries.items()},
-                          "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in paired.items()}},
-                         "aggregate.json")
-        written.append(run.run_id)
+        written.append(_write(study, uri, f"{GROUP_STAGE}/{model}/n{size}/{family}", (model, size, family), members,
+                              summaries, paired, metrics, tags, existing, echo))
         if inv_tags["aggregate.invalid_suites"] != "none":
-            echo(f"aggregate: {gid}: invalid suites (suite:seeds) {inv_tags['aggregate.invalid_suites']}: "
-                 "those seeds are left out of those suites' means")
-        echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {gid} ({len(ids)} seeds)")
+            echo(f"aggregate: {GROUP_STAGE}/{model}/n{size}/{family}: invalid suites (suite:seeds) "
+                 f"{inv_tags['aggregate.invalid_suites']}: those seeds are left out of those suites' means")
+    for (model, size, family, role), by_seed in sorted(_chosen_compares(runs, groups).items()):
+        members = [by_seed[s] for s in sorted(by_seed)]
+        # as compare aggregates: a tax is defined in some seeds only; its n says how many
+        summaries = {n: summarize([r.data.metrics[n] for r in members if n in r.data.metrics], bounds=metric_range(n))
+                     for n in sorted({n for r in members for n in aggregated_metric_names(r.data.metrics)})}
+        statuses = [r.data.tags.get("compare/safety_tax_status", "none") for r in members]
+        tags = {"role": role, "aggregate.role": role, "aggregate.compare": "true",
+                "aggregate.safety_tax_status": ",".join(f"{s}:{statuses.count(s)}" for s in sorted(set(statuses))),
+                "aggregate.chosen_candidates": ",".join(chosen[_merge_of(r, runs)] for r in members)}
+        written.append(_write(study, uri, f"{GROUP_STAGE}/{model}/n{size}/{family}/{role}", (model, size, family),
+                              members, summaries, {}, aggregate_metrics(summaries, {}), tags, existing, echo))
     return written
+
+
+def _merge_of(compare_run: Any, runs: list[Any]) -> str:
+    """The merge run a compare run's candidate evaluation scored."""
+    cand = compare_run.data.tags["candidate_run_id"]
+    return next(r.data.tags["adapter_run_id"] for r in runs if r.info.run_id == cand)
+
+
+def _write(study: str, uri: str, gid: str, where: tuple[str, str, str], members: list[Any], summaries: dict,
+           paired: dict, metrics: dict[str, float], extra_tags: dict[str, str], existing: dict, echo) -> str:
+    """Write (or reopen) the ``selected`` aggregate run ``gid`` of ``members`` (one run per seed)."""
+    from sst_lab.tracking.run import stage_run
+
+    model, size, family = where
+    ids = [r.info.run_id for r in members]
+    tags = {"sample_size": size, "seed": "all", "upstream_run_ids": ",".join(ids),
+            "aggregate.group_stage": GROUP_STAGE, "aggregate.group_config_id": gid,
+            "aggregate.model": model, "aggregate.sample_size": size, "aggregate.method": family,
+            "aggregate.split": "test", "aggregate.member_run_ids": ",".join(ids),
+            "aggregate.n_members": len(ids), "aggregate.seeds": ",".join(r.data.tags.get("seed", "none") for r in members),
+            "aggregate.ci_clipped": clipped_tag(summaries), **extra_tags}
+    old = existing.get(gid)
+    with stage_run(stage="aggregate", study=study, config={"aggregate": {"group": gid, "confidence": CONFIDENCE}},
+                   tags=tags, run_name=f"aggregate-{gid.replace('/', '-')}", tracking_uri=uri,
+                   resume_run_id=old.info.run_id if old is not None else None) as run:
+        log_metrics_chunked(run, metrics)
+        run.log_json({"group": gid, "members": ids, "metrics": {k: vars(v) for k, v in summaries.items()},
+                      "paired": {o: {k: vars(v) for k, v in r.items()} for o, r in paired.items()}}, "aggregate.json")
+    echo(f"aggregate: {'updated' if old is not None else 'created'} {run.run_id} {gid} ({len(ids)} seeds)")
+    return run.run_id
 
 
 def _frontiers(client: Any, runs: list[Any], work: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -148,7 +188,8 @@ def selection_section(client: Any, experiment_id: str, work: Path, safety_metric
     """Table rows (from the selected aggregate runs) and validation frontiers; None without selections.
     ``overrefusal_metric`` adds its column (the selection rule may not see what a choice costs there)."""
     runs = fetch_runs(client, experiment_id)
-    aggs = [r for r in runs if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE and r.info.status == "FINISHED"]
+    aggs = [r for r in runs if r.data.tags.get("aggregate.group_stage") == GROUP_STAGE and r.info.status == "FINISHED"
+            and r.data.tags.get("aggregate.compare") != "true"]
     if not aggs:
         return None
     columns = [("safety", safety_metric), ("utility", utility_metric)]
