@@ -171,6 +171,18 @@ def test_unequal_budgets_are_refused_unless_allowed(tmp_path):
 XS = "overrefusal/xs/compliance_rate_safe"  # the fake evaluate stage logs it (tests/test_study.py)
 
 
+def test_report_reference_is_a_family_in_a_selection_study(tmp_path):
+    path = _study(tmp_path, "r", {"a": ["a1", "a2"], "b": ["b1", "b2"]})
+    for ref in ("b", "a1"):
+        data = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**data, "report": {"reference_method": ref}}))
+        if ref == "b":  # the report's rows are the families
+            assert st.load_study(path).report.reference_method == "b"
+            continue
+        with pytest.raises(ConfigError, match=r"reference_method 'a1' is not one of selection.families \['a', 'b'\]"):
+            st.load_study(path)
+
+
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
     d = tmp_path_factory.mktemp("sel")

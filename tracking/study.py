@@ -200,10 +200,13 @@ class Study:
             if not _repo_path(path).is_file():
                 raise ConfigError(f"{self.source}: {where}: config file {path} does not exist "
                                   "(paths are relative to the repository root)")
-        if self.report.reference_method and self.merge and \
-                self.report.reference_method not in [m.name for m in self.merge.methods]:
+        # the report's rows are the methods, or the tuned families in a study with a selection
+        rows = list(self.selection.families) if self.selection is not None else \
+            [m.name for m in self.merge.methods] if self.merge else []
+        if self.report.reference_method and self.merge and self.report.reference_method not in rows:
+            where = "selection.families" if self.selection is not None else "merge.methods"
             raise ConfigError(f"{self.source}: report.reference_method {self.report.reference_method!r} "
-                              "is not one of merge.methods")
+                              f"is not one of {where} {rows}")
         labels = [model_label(m) for m in self.models]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"{self.source}: models need distinct names, got {labels}")
