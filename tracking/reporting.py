@@ -292,7 +292,8 @@ def plot_pareto(data: ReportData):
         _clip_rates(ax, data, model, "safety", "y")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{data.study}: safety vs utility\nmean and 95% t-interval over seeds (axes cut at [0, 1])")
+    where = f", {data.split} split" if data.split != "all" else ""
+    fig.suptitle(f"{data.study}: safety vs utility{where}\nmean and 95% t-interval over seeds (axes cut at [0, 1])")
     fig.tight_layout()
     return fig
 
@@ -333,7 +334,8 @@ def plot_tax(data: ReportData):
         ax.set_xlabel("k/n: seeds where the tax is defined")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"{data.study}: safety tax (seeds where defined; 95% t-interval)")
+    where = f", {data.split} split" if data.split != "all" else ""
+    fig.suptitle(f"{data.study}: safety tax{where} (seeds where defined; 95% t-interval)")
     fig.tight_layout()
     return fig
 
