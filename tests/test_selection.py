@@ -92,6 +92,21 @@ def test_rule_picks_the_most_safety_within_delta_and_says_when_nothing_qualifies
     assert [c.admissible for c in cands] == [False, False, True, False]
 
 
+def test_holm_adjusts_each_metric_over_the_unordered_family_pairs():
+    from sst_lab.tracking.aggregation import Summary, holm
+    from sst_lab.tracking.selection_report import holm_adjusted
+
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm({"x": 0.6, "y": 0.9}) == {"x": 1.0, "y": 1.0}  # capped at 1, never below an earlier one
+    S = lambda p: Summary(0.1, 5, p_value=p)  # noqa: E731
+    paired = {("m", "1", "a"): {"b": {"x": S(0.01)}, "c": {"x": S(0.04)}},  # a-b and b-a are one test
+              ("m", "1", "b"): {"a": {"x": S(0.01)}, "c": {"x": S(0.03), "y": S(0.2)}},
+              ("m", "1", "c"): {"a": {"x": S(0.04)}, "b": {"x": S(0.03), "y": S(0.2)}}}
+    adj = holm_adjusted(paired)
+    assert adj[("m", "1", "a")] == pytest.approx({("b", "x"): 0.03, ("c", "x"): 0.06})
+    assert adj[("m", "1", "c")] == pytest.approx({("a", "x"): 0.06, ("b", "x"): 0.06, ("b", "y"): 0.2})
+
+
 def test_constraints_are_checked_where_they_are_declared():
     assert parse_constraints(["overrefusal/x/compliance_rate_safe=0.1"]) == [("overrefusal/x/compliance_rate_safe", 0.1)]
     for bad in ("xs", "xs=-1", "xs=nan", "=0.1"):
@@ -287,6 +302,9 @@ def test_report_shows_the_numbers_of_the_selected_aggregate_runs(selected, tmp_p
         other = "b" if row["family"] == "a" else "a"
         assert f"paired/{other}/safety/harm/refusal_rate/p_value" in m
         assert row["paired"][other]["overrefusal_p_value"] == m[f"paired/{other}/{XS}/p_value"]
+        # two families: one pair per metric, so Holm leaves its p-value as it is
+        assert row["paired"][other]["safety_p_holm"] == m[f"paired/{other}/safety/harm/refusal_rate/p_value"]
+        assert "Holm" in html and agg.data.tags["aggregate.multiple_comparisons"].startswith("p_holm: Holm")
     assert sel["overrefusal_metric"] == XS and f"<th>{XS}</th>" in html
     # the main table shows the test split only: reference rows from test aggregates, one row per family
     # from its selected aggregate (whatever setting each seed chose), its tax from the chosen settings'

@@ -85,6 +85,14 @@ def test_exception_marks_run_failed_with_error_artifact(tmp_path):
                                                 tracking_uri=uri, dst_path=str(tmp_path / "dl"))
     text = open(local).read()
     assert "boom" in text and "bbbbbbbb" not in text
+    # reopened and completed (as aggregate reopens its runs): FINISHED without the stale error tag,
+    # which is kept as previous_error (before: a FINISHED run still said "error: ... boom")
+    with stage_run(stage="merge", study="s2", config={"a": 1}, tags={"role": "merged"}, run_name="m",
+                   tracking_uri=uri, resume_run_id=r.info.run_id):
+        pass
+    again = _only_run(uri, "s2")
+    assert again.info.status == "FINISHED" and "error" not in again.data.tags
+    assert "boom" in again.data.tags["previous_error"] and "bbbbbbbb" not in again.data.tags["previous_error"]
 
 
 def test_non_finite_metric_is_refused(tmp_path):

@@ -150,6 +150,17 @@ def paired_summary(diffs: Iterable[float], confidence: float = CONFIDENCE) -> Su
     return Summary(s.mean, s.n, s.std, s.ci_low, s.ci_high, p if math.isfinite(p) else None)
 
 
+def holm(p_values: Mapping[Any, float]) -> dict[Any, float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate):
+    the i-th smallest of m becomes ``max over j <= i of min(1, (m - j + 1) p_(j))``."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    out, running, m = {}, 0.0, len(order)
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p_values[key]))
+        out[key] = running
+    return out
+
+
 def is_constant(values: np.ndarray) -> bool:
     """All values equal up to round-off: their range is within ``CONSTANT_RTOL`` of their size."""
     scale = max(float(np.max(np.abs(values))), np.finfo(float).tiny)
@@ -326,13 +337,18 @@ def _metric_name(text: str) -> str:
     return _UNSAFE.sub("_", text)
 
 
-def aggregate_metrics(summaries: Mapping[str, Summary], paired: Mapping[str, Mapping[str, Summary]]) -> dict[str, float]:
+def aggregate_metrics(summaries: Mapping[str, Summary], paired: Mapping[str, Mapping[str, Summary]],
+                      p_holm: Mapping[tuple[str, str], float] | None = None) -> dict[str, float]:
+    """MLflow metrics of the summaries and paired summaries; ``p_holm``: (other, metric) -> the
+    paired p-value adjusted over its family of comparisons (``paired/<other>/<metric>/p_holm``)."""
     metrics: dict[str, float] = {}
     for name, s in summaries.items():
         metrics.update(s.as_metrics(name))
     for other, res in paired.items():
         for name, s in res.items():
             metrics.update(s.as_metrics(f"paired/{_metric_name(other)}/{name}"))
+    for (other, name), p in (p_holm or {}).items():
+        metrics[f"paired/{_metric_name(other)}/{name}/p_holm"] = p
     return metrics
 
 

@@ -236,7 +236,8 @@ def _cell(data: ReportData, size: str, model: str, row: str, col: str) -> Cell:
             cell.mark = "*"
         cell.note = f"{cell.n}/{agg.tags.get('aggregate.n_members', '?')} defined"
     elif merged and data.reference_method and row != data.reference_method:
-        p = agg.metrics.get(f"paired/{data.reference_method}/{metric}/p_value")
+        p = agg.metrics.get(f"paired/{data.reference_method}/{metric}/p_holm",  # selected: Holm-adjusted
+                            agg.metrics.get(f"paired/{data.reference_method}/{metric}/p_value"))
         diff = agg.metrics.get(f"paired/{data.reference_method}/{metric}/mean")
         if p is not None and p < ALPHA and diff is not None:
             cell.mark = "*" + ("▲" if diff > 0 else "▼")
@@ -481,7 +482,8 @@ def render_html(data: ReportData, images: Mapping[str, bytes], extra: str = "") 
     e = html.escape
     legend = ("Cells: mean ± half-width of the 95% Student-t interval over seeds (number of seeds). "
               f"* on a merged method's safety / over-refusal / utility: paired t-test across seeds against "
-              f"{e(data.reference_method or '-')} with p &lt; {ALPHA} (▲ higher, ▼ lower). "
+              f"{e(data.reference_method or '-')} with p &lt; {ALPHA} (▲ higher, ▼ lower; in a study with a "
+              "selection, p Holm-adjusted over all pairs of methods). "
               "* on a safety tax: its interval excludes 0; k/n: seeds where the tax is defined "
               "(the safety gain was significant). — : not measured.")
     metrics = "".join(f"<li>{e(TITLES[c])}: <code>{e(m)}</code></li>" for c, m in data.metrics.items())

@@ -437,11 +437,16 @@ def _open_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
     if too_long:
         all_tags["params_too_long"] = ",".join(too_long)
 
+    stale_error = None
     if resume_run_id is not None:
-        owner = mlflow.MlflowClient(tracking_uri=uri).get_run(resume_run_id).info.experiment_id
+        old = mlflow.MlflowClient(tracking_uri=uri).get_run(resume_run_id)
+        owner = old.info.experiment_id
         if owner != experiment_id:
             raise TrackingError(f"cannot reopen run {resume_run_id}: it belongs to experiment {owner}, "
                                 f"not to study {study!r} ({experiment_id})")
+        stale_error = old.data.tags.get("error")  # of an earlier attempt: kept as previous_error below
+        if stale_error is not None:
+            all_tags["previous_error"] = stale_error
 
     guard, handle = _InterruptGuard(uri), None
     with guard:
@@ -451,6 +456,8 @@ def _open_run(*, stage: str, study: str, config: Mapping[str, Any], tags: Mappin
                     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
                 else:
                     run = mlflow.start_run(run_id=resume_run_id, run_name=run_name, tags=all_tags)
+                    if stale_error is not None:  # a reopened run that ends FINISHED must not show it
+                        mlflow.MlflowClient(tracking_uri=uri).delete_tag(resume_run_id, "error")
                 guard.run_id = run.info.run_id
             handle = StageRun(enabled=True, run_id=run.info.run_id, experiment_id=experiment_id,
                               tracking_uri=uri, tags=dict(all_tags), metrics_flush_seconds=metrics_flush_seconds,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sst_lab.tracking.aggregation import (CONFIDENCE, aggregate_metrics, aggregated_metric_names, clipped_tag,
-                                          fetch_runs, invalid_record, invalid_suites, log_metrics_chunked,
+                                          fetch_runs, holm, invalid_record, invalid_suites, log_metrics_chunked,
                                           metric_range, paired_summary, run_order, study_runs, suite_of,
                                           summarize, valid_metrics)
 
@@ -79,6 +79,7 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
            for key, by_seed in groups.items()}
     values = {key: {seed: valid_metrics(r.data.metrics, bad[key][seed]) for seed, r in by_seed.items()}
               for key, by_seed in groups.items()}
+    computed = {}
     for (model, size, family), by_seed in sorted(groups.items()):
         vals, invalid = values[(model, size, family)], bad[(model, size, family)]
         # every seed has the metric, except seeds where its suite was invalid (left out, counted, named)
@@ -98,11 +99,17 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
                 if len(both) >= 2 and all(suite_of(n) in invalid[s] + bad[(m2, s2, other)][s]
                                           for s in common if s not in both):
                     paired[other][n] = paired_summary([vals[s][n] - other_vals[s][n] for s in both])
+        computed[(model, size, family)] = (summaries, paired)
+    adjusted = holm_adjusted({k: v[1] for k, v in computed.items()})
+    for (model, size, family), by_seed in sorted(groups.items()):
+        summaries, paired = computed[(model, size, family)]
+        invalid = bad[(model, size, family)]
         inv_tags, inv_metrics = invalid_record((s, invalid[s]) for s in sorted(by_seed))
-        metrics = aggregate_metrics(summaries, paired)  # as write_aggregates: a NaN fails the run, by name
+        # as write_aggregates: a NaN fails the run, by name
+        metrics = aggregate_metrics(summaries, paired, adjusted[(model, size, family)])
         metrics.update(inv_metrics)
         members = [by_seed[s] for s in sorted(by_seed)]
-        tags = {"role": "merged", "aggregate.role": "merged",
+        tags = {"role": "merged", "aggregate.role": "merged", "aggregate.multiple_comparisons": HOLM_NOTE,
                 "aggregate.chosen_candidates": ",".join(chosen[r.data.tags["adapter_run_id"]] for r in members),
                 **inv_tags}
         written.append(_write(study, uri, f"{GROUP_STAGE}/{model}/n{size}/{family}", (model, size, family), members,
@@ -122,6 +129,31 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
         written.append(_write(study, uri, f"{GROUP_STAGE}/{model}/n{size}/{family}/{role}", (model, size, family),
                               members, summaries, {}, aggregate_metrics(summaries, {}), tags, existing, echo))
     return written
+
+
+HOLM_NOTE = "p_holm: Holm over the family pairs of one model, sample size and metric"
+
+
+def holm_adjusted(paired: dict[tuple[str, str, str], dict[str, dict[str, Any]]],
+                  ) -> dict[tuple[str, str, str], dict[tuple[str, str], float]]:
+    """Holm-adjusted paired p-values: per (model, sample size, metric), the family is every unordered
+    pair of families with a p-value (a-b and b-a are one test: the same p); each direction gets the
+    pair's adjusted value. ``paired``: (model, size, family) -> {other: {metric: Summary}}."""
+    pairs: dict[tuple[str, str, str], dict[frozenset, float]] = {}
+    for (model, size, family), res in paired.items():
+        for other, by_metric in res.items():
+            for n, summ in by_metric.items():
+                if summ.p_value is not None:
+                    pairs.setdefault((model, size, n), {})[frozenset((family, other))] = summ.p_value
+    adj = {key: holm(ps) for key, ps in pairs.items()}
+    out: dict[tuple[str, str, str], dict[tuple[str, str], float]] = {k: {} for k in paired}
+    for (model, size, family), res in paired.items():
+        for other, by_metric in res.items():
+            for n in by_metric:
+                p = adj.get((model, size, n), {}).get(frozenset((family, other)))
+                if p is not None:
+                    out[(model, size, family)][(other, n)] = p
+    return out
 
 
 def _merge_of(compare_run: Any, runs: list[Any]) -> str:
@@ -213,6 +245,8 @@ def selection_section(client: Any, experiment_id: str, work: Path, safety_metric
                     other = key[len("paired/"):-len(f"/{name}/p_value")]
                     row["paired"].setdefault(other, {})[f"{col}_p_value"] = value
                     row["paired"][other][f"{col}_diff"] = m[f"paired/{other}/{name}/mean"]
+                    if f"paired/{other}/{name}/p_holm" in m:
+                        row["paired"][other][f"{col}_p_holm"] = m[f"paired/{other}/{name}/p_holm"]
         rows.append(row)
     fronts = _frontiers(client, runs, work)
     return {"safety_metric": safety_metric, "utility_metric": utility_metric,
@@ -277,7 +311,8 @@ def render_section(section: dict[str, Any]) -> str:
         for other, v in sorted(r["paired"].items()):
             for col in cols:
                 if f"{col}_p_value" in v:
-                    parts.append(f"vs {other}: Δ{col} {v[f'{col}_diff']:+.3f} (p={v[f'{col}_p_value']:.3g})")
+                    holm_p = f", Holm {v[f'{col}_p_holm']:.3g}" if f"{col}_p_holm" in v else ""
+                    parts.append(f"vs {other}: Δ{col} {v[f'{col}_diff']:+.3f} (p={v[f'{col}_p_value']:.3g}{holm_p})")
         return "; ".join(parts) or "—"
 
     body = "".join(
@@ -290,7 +325,8 @@ def render_section(section: dict[str, Any]) -> str:
     notes = f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""
     return ("<h2>Chosen on validation, scored on test</h2><p>Each family's setting was chosen per seed on the "
             "validation split (select runs); cells are test-split means with the 95% Student-t interval over seeds; "
-            "paired t-tests between families at their chosen settings over common seeds.</p>"
+            "paired t-tests between families at their chosen settings over common seeds (p uncorrected; Holm: "
+            "adjusted over all family pairs of the metric).</p>"
             "<table><tr><th>model</th><th>n</th><th>method</th><th>chosen (per seed)</th>"
             + "".join(f"<th>{e(section[f'{c}_metric'])}</th>" for c in cols) + "<th>paired</th></tr>"
             f"{body}</table>{notes}")
