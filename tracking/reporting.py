@@ -119,6 +119,11 @@ class ReportData:
     split: str = "all"  # the split the table shows: test when the study has one (see ``table_split``)
     selected: bool = False  # merged rows are the chosen settings' aggregates (stage ``selected``)
 
+    @property
+    def split_label(self) -> str:
+        """``", test split"`` for titles, empty for a study without splits."""
+        return f", {self.split} split" if self.split != "all" else ""
+
 
 def load_aggregates(client: Any, experiment_id: str) -> list[Agg]:
     from sst_lab.tracking.aggregation import fetch_runs
@@ -293,8 +298,7 @@ def plot_pareto(data: ReportData):
         _clip_rates(ax, data, model, "safety", "y")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    where = f", {data.split} split" if data.split != "all" else ""
-    fig.suptitle(f"{data.study}: safety vs utility{where}\nmean and 95% t-interval over seeds (axes cut at [0, 1])")
+    fig.suptitle(f"{data.study}: safety vs utility{data.split_label}\nmean and 95% t-interval over seeds (axes cut at [0, 1])")
     fig.tight_layout()
     return fig
 
@@ -335,8 +339,7 @@ def plot_tax(data: ReportData):
         ax.set_xlabel("k/n: seeds where the tax is defined")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    where = f", {data.split} split" if data.split != "all" else ""
-    fig.suptitle(f"{data.study}: safety tax{where} (seeds where defined; 95% t-interval)")
+    fig.suptitle(f"{data.study}: safety tax{data.split_label} (seeds where defined; 95% t-interval)")
     fig.tight_layout()
     return fig
 
@@ -460,8 +463,7 @@ def render_table(data: ReportData, size: str) -> str:
         label = f"{row} (reference)" if row == data.reference_method else row
         body.append(f"<tr><th>{e(label)}</th>{''.join(tds)}</tr>")
     notes = "".join(f"<li>{e(n)}</li>" for n in invalid_notes(data, size))
-    where = f", {data.split} split" if data.split != "all" else ""
-    return (f"<h3>sample size {e(size)}{e(where)}</h3><table><tr><th rowspan=2>model / method</th>{head1}</tr>"
+    return (f"<h3>sample size {e(size)}{e(data.split_label)}</h3><table><tr><th rowspan=2>model / method</th>{head1}</tr>"
             f"<tr>{head2}</tr>{''.join(body)}</table>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else ""))
 
 

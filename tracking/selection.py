@@ -106,7 +106,6 @@ class SelectionSpec:
             if key in self.validation_args or key in self.test_args:
                 raise SelectionError(f"{where}: validation_args/test_args set {key}; the sweep sets it")
 
-
     def constraint_args(self) -> list[str]:
         """The select stage's ``--constraints`` values: ``METRIC=DELTA``."""
         return [f"{c['metric']}={c['delta']}" for c in self.constraints]
@@ -125,7 +124,7 @@ def parse_constraints(values: list[str] | None) -> list[tuple[str, float]]:
             d = float(delta)
         except ValueError:
             d = math.nan
-        if not sep or not metric or not 0 <= d < 1e9:
+        if not sep or not metric or not _non_negative(d):
             raise SelectionError(f"--constraints: {v!r} is not METRIC=DELTA with DELTA >= 0")
         out.append((metric, d))
     return out

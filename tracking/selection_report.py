@@ -125,7 +125,8 @@ def write_selected_aggregates(study: str, tracking_uri: str | None = None, *, ec
         statuses = [r.data.tags.get("compare/safety_tax_status", "none") for r in members]
         tags = {"role": role, "aggregate.role": role, "aggregate.compare": "true",
                 "aggregate.safety_tax_status": ",".join(f"{s}:{statuses.count(s)}" for s in sorted(set(statuses))),
-                "aggregate.chosen_candidates": ",".join(chosen[_merge_of(r, runs)] for r in members)}
+                "aggregate.chosen_candidates": ",".join(  # the setting of the test evaluation each compared
+                    chosen[groups[(model, size, family)][s].data.tags["adapter_run_id"]] for s in sorted(by_seed))}
         written.append(_write(study, uri, f"{GROUP_STAGE}/{model}/n{size}/{family}/{role}", (model, size, family),
                               members, summaries, {}, aggregate_metrics(summaries, {}), tags, existing, echo))
     return written
@@ -154,12 +155,6 @@ def holm_adjusted(paired: dict[tuple[str, str, str], dict[str, dict[str, Any]]],
                 if p is not None:
                     out[(model, size, family)][(other, n)] = p
     return out
-
-
-def _merge_of(compare_run: Any, runs: list[Any]) -> str:
-    """The merge run a compare run's candidate evaluation scored."""
-    cand = compare_run.data.tags["candidate_run_id"]
-    return next(r.data.tags["adapter_run_id"] for r in runs if r.info.run_id == cand)
 
 
 def _write(study: str, uri: str, gid: str, where: tuple[str, str, str], members: list[Any], summaries: dict,
