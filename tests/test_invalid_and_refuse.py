@@ -140,7 +140,7 @@ def _validation_runs(client, exp: str) -> tuple[str, list[str]]:
     return ref, cands
 
 
-def test_select_fallback_refuse_fails_naming_family_and_seed_min_loss_chooses_and_says_so(client, tmp_path):
+def test_select_fallback_refuse_fails_naming_family_and_seed_min_loss_chooses_and_says_so(client, tmp_path, capsys):
     from sst_lab.tracking.select import main
 
     client, uri = client
@@ -153,6 +153,7 @@ def test_select_fallback_refuse_fails_naming_family_and_seed_min_loss_chooses_an
                                              r"max_safety_within_delta with delta 0.05.*lin0: loss 0.4000.*refuse"):
         main([*argv, "--fallback", "refuse"])
     assert main(argv) == 0  # the default: the smallest loss, flagged
+    assert "WARNING: select family linear, seed 7: no candidate meets rule" in capsys.readouterr().out
     runs = {r.info.status: r for r in client.search_runs([exp], "tags.stage = 'select'")}
     assert "select family linear, seed 7" in runs["FAILED"].data.tags["error"]
     done = runs["FINISHED"].data.tags

@@ -72,6 +72,11 @@ def main(argv=None) -> int:
         run.set_tags(extra_tags)
         run.log_metrics(metrics)
         run.log_json(record, "select/frontier.json")
+        if not record["admissible"]:  # the declared fallback chose: say so where the sweep's log shows it
+            print(f"WARNING: select family {args.family}, seed {args.seed}: no candidate meets rule {args.rule} "
+                  f"(delta {args.delta}{', constraints ' + ' '.join(args.constraints) if args.constraints else ''}); "
+                  f"chose {record['chosen']['label']} by the declared fallback {args.fallback} "
+                  "(tag select.admissible=false)")
     if run.enabled:
         print(f"run_id: {run.run_id}")
     return 0
